@@ -1,0 +1,250 @@
+"""The statistics core every batch-norm variant in this library is built on.
+
+Three pieces, each written once:
+
+* :func:`check_input` - validation that runs *before* anything is computed or
+  mutated, so a rejected call leaves running statistics exactly as they were;
+* :func:`batch_moments_and_normalize` - training-mode statistics and the
+  normalized output from PyTorch's native kernel, re-centred when float32
+  statistics would lose precision (see below);
+* :func:`update_running_stats` - the moving-average update of ``running_mean``,
+  ``running_var`` and ``num_batches_tracked``, done last and only after every
+  check passed.
+
+Precision at large offsets
+--------------------------
+A float32 kernel stores the batch mean ``mu`` rounded to float32, so every
+normalized value carries an error of about ``ulp(mu) / sigma``: at
+``mu = 1e6, sigma = 1`` that is 3% (PyTorch's own ``BatchNorm2d``). We measure
+``|mu| * rstd`` per channel after the native call (``C`` numbers, no extra pass
+over the data). When it exceeds :data:`SHIFT_LIMIT` (the error would exceed
+``SHIFT_LIMIT * 2**-24 ~ 4e-6``) the statistics are recomputed on
+``x - s`` with ``s = round(mu)`` per channel: the subtraction is exact for values
+near ``s`` (Sterbenz), and the recomputed mean is the small residual, stored with
+full relative precision. The output is invariant to the shift, so gradients are
+unchanged. Ordinary activations never pay for this; under ``torch.compile`` the
+shift (by one sample of each channel) is always applied because the compiler
+fuses it into the reduction for free and a data-dependent branch would break the
+graph.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+#: ``|mean| * rstd`` above which float32 statistics are recomputed about a shift.
+SHIFT_LIMIT = 64.0
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def param_view(t: Tensor, ndim: int) -> Tensor:
+    """View a per-channel vector ``(C,)`` so it broadcasts against ``(N, C, *spatial)``."""
+    return t.view((1, -1) + (1,) * (ndim - 2))
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are float32 for float16/bfloat16/float32 inputs and float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _param_dtype_ok(param: torch.dtype, x: torch.dtype) -> bool:
+    return param == x or (x in _HALF and param == torch.float32)
+
+
+def check_input(
+    x,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    *,
+    what: str = "batch_norm",
+) -> int:
+    """Validate a batch-norm call; return the number of values per channel.
+
+    Raises ``TypeError``/``ValueError`` with a message that says what to do. Pure:
+    reads shapes, dtypes and devices only.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor input, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(
+            f"{what}: input has dtype {x.dtype}; batch norm needs a floating-point input "
+            f"(float32, float64, float16 or bfloat16). Convert it first, e.g. x.float()."
+        )
+    if x.dim() < 2:
+        raise ValueError(
+            f"{what}: expected an input of shape (N, C, *) with at least 2 dimensions, "
+            f"got shape {tuple(x.shape)}. For a single sample use x.unsqueeze(0)."
+        )
+    c = x.shape[1]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{what}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.shape != (c,):
+            raise ValueError(
+                f"{what}: {name} has shape {tuple(t.shape)} but the input has {c} channels "
+                f"(dimension 1 of shape {tuple(x.shape)}); expected shape ({c},). "
+                f"Check num_features and that channels are on dimension 1."
+            )
+        if t.device != x.device:
+            raise ValueError(
+                f"{what}: {name} is on {t.device} but the input is on {x.device}; "
+                f"move the module or the input, e.g. module.to(x.device)."
+            )
+        if not _param_dtype_ok(t.dtype, x.dtype):
+            raise TypeError(
+                f"{what}: {name} has dtype {t.dtype} but the input has dtype {x.dtype}; "
+                f"use the same dtype (float32 parameters are also accepted for float16/bfloat16 inputs)."
+            )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{what}: pass both running_mean and running_var, or neither")
+    count = x.numel() // c if c else 0
+    if training and count < 2:
+        raise ValueError(
+            f"{what}: expected more than 1 value per channel when training, got input of shape "
+            f"{tuple(x.shape)} ({count} value(s) per channel). Use a larger batch, call "
+            f"model.eval() to use the running statistics, or use a norm that does not need "
+            f"batch statistics (batchnorm.GroupNorm / LayerNorm)."
+        )
+    return count
+
+
+def check_momentum(momentum) -> None:
+    """``momentum`` is ``None`` (cumulative average) or a number in [0, 1]."""
+    if momentum is None:
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(
+            f"momentum must be in [0, 1] (the weight of the new batch), got {momentum}. "
+            f"Keras/TF 'decay' d corresponds to momentum 1 - d."
+        )
+
+
+def _first_of_each_channel(x: Tensor) -> Tensor:
+    """``x[0, :, 0, ..., 0]``: a cheap per-channel value close to the channel's data."""
+    return x[(0, slice(None)) + (0,) * (x.dim() - 2)]
+
+
+def _upcast(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    """Half-precision parameters are used in float32 so statistics stay float32."""
+    if t is not None and t.dtype in _HALF:
+        return t.float()
+    return t
+
+
+def _affine_args(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
+    weight, bias = _upcast(weight, x), _upcast(bias, x)
+    if x.dtype in _HALF and weight is None:
+        # The native kernel keeps its statistics in the parameter dtype; without a
+        # float32 weight it would keep them in half precision.
+        weight = torch.ones(x.shape[1], device=x.device, dtype=torch.float32)
+    return weight, bias
+
+
+def _off_center(mean: Tensor, rstd: Tensor) -> bool:
+    return bool((mean.detach().abs() * rstd.detach()).amax() > SHIFT_LIMIT)
+
+
+def batch_moments_and_normalize(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
+    """Training-mode batch norm through the native kernel.
+
+    Returns ``(y, mean, rstd)``: ``y = weight * (x - mean) * rstd + bias`` with
+    ``mean``/``rstd`` of shape ``(C,)`` in :func:`stat_dtype`; differentiable in
+    ``x``, ``weight`` and ``bias``. ``mean`` and ``rstd`` are for the running
+    statistics and carry no gradient.
+    """
+    weight, bias = _affine_args(x, weight, bias)
+    precise = x.dtype != torch.float64
+    if precise and torch.compiler.is_compiling():
+        shift = _first_of_each_channel(x).detach()
+        y, mean, rstd = torch.native_batch_norm(x - param_view(shift, x.dim()), weight, bias, None, None, True, 0.0, eps)
+        return y, mean.detach() + shift.to(mean.dtype), rstd.detach()
+    y, mean, rstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    if precise and _off_center(mean, rstd):
+        shift = mean.detach().to(x.dtype)
+        y, mean, rstd = torch.native_batch_norm(x - param_view(shift, x.dim()), weight, bias, None, None, True, 0.0, eps)
+        mean = mean.detach() + shift.to(mean.dtype)
+    return y, mean.detach(), rstd.detach()
+
+
+def normalize_with_running_stats(
+    x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+) -> Tensor:
+    """Inference-mode batch norm ``weight * (x - running_mean) / sqrt(running_var + eps) + bias``.
+
+    The native kernel folds this into ``x * scale + shift``, which cancels
+    catastrophically when ``|running_mean| >> sqrt(running_var)``; such channels are
+    first shifted by ``running_mean`` rounded to the input dtype (exact
+    subtraction), the remainder of the mean staying in float32.
+    """
+    weight, bias = _affine_args(x, weight, bias)
+    rm, rv = _upcast(running_mean, x), _upcast(running_var, x)
+    precise = x.dtype != torch.float64
+    if precise and (torch.compiler.is_compiling() or _off_center(rm, torch.rsqrt(rv + eps))):
+        shift = rm.detach().to(x.dtype)
+        x = x - param_view(shift, x.dim())
+        rm = rm - shift.to(rm.dtype)
+    return torch.native_batch_norm(x, weight, bias, rm, rv, False, 0.0, eps)[0]
+
+
+def check_finite_stats(mean: Tensor, rstd: Tensor, *, what: str = "batch_norm") -> None:
+    """Raise if the batch statistics are NaN/Inf (any NaN/Inf in the input makes them so)."""
+    if not bool(torch.isfinite(mean).all() & torch.isfinite(rstd).all()):
+        raise FloatingPointError(
+            f"{what}: the batch statistics are not finite (the input contains NaN or Inf, or "
+            f"its variance overflows); running statistics were left unchanged."
+        )
+
+
+def check_finite_input(x: Tensor, *, what: str = "batch_norm") -> None:
+    """Raise if ``x`` has a NaN or Inf."""
+    if not bool(torch.isfinite(x).all()):
+        raise FloatingPointError(f"{what}: the input contains NaN or Inf")
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Optional[Tensor],
+    mean: Tensor,
+    var_biased: Tensor,
+    count: int,
+    momentum: Optional[float],
+) -> None:
+    """Moving-average update in place (PyTorch's convention).
+
+    ``running <- running + m * (batch - running)`` with ``m = momentum``, or
+    ``m = 1 / num_batches_tracked`` (after incrementing it) when ``momentum is None``
+    - the cumulative average. ``running_var`` receives the unbiased batch variance
+    ``var_biased * count / (count - 1)``. Computed in float32/float64 and written
+    back in the buffers' dtype. Uses tensor arithmetic only, so it traces under
+    ``torch.compile`` (no ``.item()``).
+    """
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    work = stat_dtype(running_mean.dtype)
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        weight = num_batches_tracked.to(work).reciprocal()
+    else:
+        weight = float(momentum)
+    var_unbiased = var_biased.to(work) * (count / (count - 1))
+    running_mean.copy_(running_mean.to(work).lerp(mean.to(work), weight))
+    running_var.copy_(running_var.to(work).lerp(var_unbiased, weight))
+
+
+def var_from_rstd(rstd: Tensor, eps: float) -> Tensor:
+    """Biased variance recovered from ``rstd = 1 / sqrt(var + eps)``, clamped at 0."""
+    return (rstd.reciprocal().square() - eps).clamp_min(0.0)
