@@ -124,30 +124,53 @@ def batch_norm(
         raise ValueError(f"{what}: residual must have the input's shape {tuple(input.shape)}, got {shape}")
     if training and running_mean is not None and momentum is None and num_batches_tracked is None:
         raise ValueError(f"{what}: momentum=None (cumulative average) needs num_batches_tracked")
-    backend = resolve_backend(backend, input)
-
-    if backend == "triton":
-        from ..kernels import triton_batch_norm
-
-        return triton_batch_norm(
-            input, running_mean, running_var, weight, bias, training, momentum, eps,
-            num_batches_tracked=num_batches_tracked, residual=residual, activation=activation,
-            check_finite=check_finite,
-        )  # fmt: skip
+    impl = _backend_impl(resolve_backend(backend, input))
 
     if training:
-        y, mean, rstd = _core.batch_moments_and_normalize(input, weight, bias, eps)
+        y, mean, rstd = impl.train_forward(input, weight, bias, eps, residual, activation)
         if check_finite:
             _core.check_finite_stats(mean, rstd, what=what)
         if running_mean is not None:
             var = _core.var_from_rstd(rstd, eps)
             _core.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
-    else:
-        if running_mean is None:
-            raise ValueError(f"{what}: inference (training=False) needs running_mean and running_var")
-        if check_finite:
-            _core.check_finite_input(input, what=what)
-        y = _core.normalize_with_running_stats(input, running_mean, running_var, weight, bias, eps)
-    if residual is not None:
-        y = y + residual
-    return apply_activation(y, activation)
+        return y
+    if running_mean is None:
+        raise ValueError(f"{what}: inference (training=False) needs running_mean and running_var")
+    if check_finite:
+        _core.check_finite_input(input, what=what)
+    return impl.infer_forward(input, running_mean, running_var, weight, bias, eps, residual, activation)
+
+
+class _Aten:
+    """Backend on PyTorch's native kernels: normalize, then residual add and activation as separate ops.
+
+    A backend provides two functions (the Triton one fuses all three steps):
+
+    * ``train_forward(x, weight, bias, eps, residual, activation) -> (y, mean, rstd)``
+      with ``mean``/``rstd`` of shape ``(C,)`` in float32 (float64 for float64 input), detached;
+    * ``infer_forward(x, running_mean, running_var, weight, bias, eps, residual, activation) -> y``.
+    """
+
+    @staticmethod
+    def _epilogue(y, residual, activation):
+        if residual is not None:
+            y = y + residual
+        return apply_activation(y, activation)
+
+    @staticmethod
+    def train_forward(x, weight, bias, eps, residual, activation):
+        y, mean, rstd = _core.batch_moments_and_normalize(x, weight, bias, eps)
+        return _Aten._epilogue(y, residual, activation), mean, rstd
+
+    @staticmethod
+    def infer_forward(x, running_mean, running_var, weight, bias, eps, residual, activation):
+        y = _core.normalize_with_running_stats(x, running_mean, running_var, weight, bias, eps)
+        return _Aten._epilogue(y, residual, activation)
+
+
+def _backend_impl(name: str):
+    if name == "triton":
+        from .. import kernels
+
+        return kernels
+    return _Aten

@@ -1,4 +1,4 @@
-"""Fused Triton GPU kernels (see issue: fused kernels). Placeholder until they land."""
+"""Fused Triton GPU kernels. Placeholder until they land: provides the backend interface."""
 
 
 def is_available(x) -> bool:  # pragma: no cover - replaced by the kernels package
