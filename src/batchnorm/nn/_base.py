@@ -28,6 +28,7 @@ class NormBase(nn.Module):
             convention; Keras' ``decay=0.99`` is ``momentum=0.01``), or ``None`` for
             the cumulative average.
         affine: learnable per-channel ``weight`` (gamma, init 1) and ``bias`` (beta, init 0).
+        bias: with ``affine``, whether to learn ``bias`` (beta) too (as in torch >= 2.13).
         track_running_stats: keep ``running_mean``/``running_var`` for inference; when
             False, batch statistics are used in eval mode too.
         check_finite: raise on NaN/Inf input or statistics before running statistics change.
@@ -54,6 +55,7 @@ class NormBase(nn.Module):
         device=None,
         dtype=None,
         *,
+        bias: bool = True,
         check_finite: bool = False,
         backend: str = "auto",
     ) -> None:
@@ -73,7 +75,10 @@ class NormBase(nn.Module):
         self.backend = backend
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -102,12 +107,13 @@ class NormBase(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         s = (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}"
+            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
         )
         if self.check_finite:
             s += ", check_finite=True"
