@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -151,8 +152,19 @@ def _affine_args(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
     return weight, bias
 
 
-def _off_center(mean: Tensor, rstd: Tensor) -> bool:
-    return bool((mean.detach().abs() * rstd.detach()).amax() > SHIFT_LIMIT)
+def _off_center(mean: Tensor, rstd: Optional[Tensor] = None, var: Optional[Tensor] = None, eps: float = 0.0) -> bool:
+    """Whether ``max_c |mean_c| * rstd_c > SHIFT_LIMIT`` (``rstd`` given, or ``1/sqrt(var + eps)``).
+
+    ``C`` numbers; on the CPU they are read through zero-copy NumPy views because
+    a handful of tiny torch ops would cost more than the check is worth.
+    """
+    mean = mean.detach()
+    if mean.device.type == "cpu" and mean.dtype in (torch.float32, torch.float64):
+        m = mean.numpy()
+        r = rstd.detach().numpy() if rstd is not None else 1.0 / np.sqrt(var.detach().numpy() + eps)
+        return bool(m.size) and float(np.max(np.abs(m) * r)) > SHIFT_LIMIT
+    r = rstd.detach() if rstd is not None else torch.rsqrt(var.detach() + eps)
+    return mean.numel() > 0 and bool((mean.abs() * r).amax() > SHIFT_LIMIT)
 
 
 def batch_moments_and_normalize(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
@@ -190,7 +202,7 @@ def normalize_with_running_stats(
     weight, bias = _affine_args(x, weight, bias)
     rm, rv = _upcast(running_mean, x), _upcast(running_var, x)
     precise = x.dtype != torch.float64
-    if precise and (torch.compiler.is_compiling() or _off_center(rm, torch.rsqrt(rv + eps))):
+    if precise and (torch.compiler.is_compiling() or _off_center(rm, var=rv, eps=eps)):
         shift = rm.detach().to(x.dtype)
         x = x - param_view(shift, x.dim())
         rm = rm - shift.to(rm.dtype)
@@ -241,10 +253,70 @@ def update_running_stats(
     else:
         weight = float(momentum)
     var_unbiased = var_biased.to(work) * (count / (count - 1))
-    running_mean.copy_(running_mean.to(work).lerp(mean.to(work), weight))
-    running_var.copy_(running_var.to(work).lerp(var_unbiased, weight))
+    for buf, new in ((running_mean, mean.to(work)), (running_var, var_unbiased)):
+        if buf.dtype == work:
+            buf.lerp_(new, weight)
+        else:  # half-precision buffers: update in float32, store rounded
+            buf.copy_(buf.to(work).lerp_(new, weight))
 
 
 def var_from_rstd(rstd: Tensor, eps: float) -> Tensor:
     """Biased variance recovered from ``rstd = 1 / sqrt(var + eps)``, clamped at 0."""
-    return (rstd.reciprocal().square() - eps).clamp_min(0.0)
+    return rstd.pow(-2).sub_(eps).clamp_min_(0.0)
+
+
+# --- appended for the normalization family (issue 4): statistics without normalizing ---------
+
+
+def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel batch mean and biased variance of ``(N, C, *)`` input, without normalizing.
+
+    ``mean_c = (1/m) sum x``, ``var_c = (1/m) sum (x - mean_c)^2`` over ``(N, *spatial)``,
+    returned as ``(C,)`` tensors in :func:`stat_dtype` (float32 also for float16/bfloat16
+    input), detached. One read of ``x`` through the native statistics kernel; channels
+    whose ``|mean| / std`` exceeds :data:`SHIFT_LIMIT` are recomputed about
+    ``s = mean`` rounded to the input dtype (exact subtraction), as in
+    :func:`batch_moments_and_normalize`. An empty input (``m = 0``) gives zeros.
+
+    Used where the statistics are needed before (batch renorm's ``r``, ``d``) or apart
+    from (sync batch norm's per-rank moments) the normalization.
+
+    Example::
+
+        >>> mean, var = batch_moments(torch.randn(8, 3, 4, 4))   # shapes (3,), (3,)
+    """
+    work = stat_dtype(x.dtype)
+    x = x.detach()
+    if x.numel() == 0:
+        z = torch.zeros(x.shape[1], device=x.device, dtype=work)
+        return z, z.clone()
+    xs = x.to(work) if x.dtype in _HALF else x
+    mean, var = torch.batch_norm_update_stats(xs, None, None, 0.0)
+    if work != torch.float64 and _off_center(mean, torch.rsqrt(var + 1e-30)):
+        shift = mean.to(x.dtype)
+        mean, var = torch.batch_norm_update_stats(xs - param_view(shift.to(xs.dtype), x.dim()), None, None, 0.0)
+        mean = mean + shift.to(work)
+    return mean, var
+
+
+def merge_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact merge of per-part ``(count, mean, M2)`` into the whole's (Chan et al. 1979).
+
+    ``counts``: ``(K,)``; ``means``, ``m2s``: ``(K, C)`` with ``M2 = sum (x - mean)^2``.
+    Returns ``(n, mean, M2)`` with ``n = sum n_k``, ``mean = sum n_k mean_k / n`` and
+    ``M2 = sum M2_k + sum n_k (mean_k - mean)^2`` - the pairwise formula of Chan et al.
+    applied to all parts at once (deviations are taken from the merged mean, so there is
+    no ``E[x^2] - E[x]^2`` cancellation). Parts with ``n_k = 0`` contribute nothing.
+    ``n`` is a 0-d tensor; with ``n = 0`` the mean and M2 are zeros.
+    :func:`batchnorm.reference.chan_merge` is the float64 oracle.
+
+    Example::
+
+        >>> n, mean, m2 = merge_moments(torch.tensor([3., 5.]), torch.zeros(2, 4), torch.ones(2, 4))
+    """
+    counts = counts.to(means.dtype)
+    n = counts.sum()
+    w = counts / n.clamp_min(1)
+    mean = (w.unsqueeze(1) * means).sum(0)
+    m2 = m2s.sum(0) + (counts.unsqueeze(1) * (means - mean).square()).sum(0)
+    return n, mean, m2
