@@ -1,0 +1,193 @@
+r"""Precise batch-norm statistics: replace each BN's running estimates by the exact
+population statistics of its input over a set of batches.
+
+The moving average that training leaves in ``running_mean``/``running_var`` lags behind
+the weights and mixes statistics of many past weight states. After the weights change
+without the statistics following (weight averaging, pruning, fine-tuning with frozen
+statistics, a learning-rate drop) the eval-mode model is off. :func:`recalibrate` runs the
+model over ``K`` batches and sets, per BN and channel,
+
+.. math::
+    n = \sum_k n_k,\qquad \hat\mu = \frac1n \sum_k n_k \mu_k,\qquad
+    \hat\sigma^2 = \frac{1}{n - 1}\Big(\sum_k M_{2,k} + \sum_k n_k (\mu_k - \hat\mu)^2\Big)
+
+where batch ``k`` has ``n_k`` values per channel with mean ``mu_k`` and
+``M_{2,k} = n_k * var_k`` (Chan et al.'s exact merge, :func:`batchnorm.functional._core.merge_moments`).
+This is the mean and (unbiased, PyTorch's convention for ``running_var``) variance of the
+union of all the batches - *not* the average of per-batch variances that
+``momentum=None`` computes, which ignores the spread of the batch means and weights
+batches of unequal size wrongly.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Dict, Iterable, Optional
+
+import torch
+from torch import nn
+
+from ..functional._core import batch_moments, merge_moments
+from ._graph import bn_modules, has_running_stats
+
+__all__ = ["recalibrate"]
+
+
+def _default_call(model: nn.Module, batch):
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)) and batch:
+        return model(batch[0])  # (inputs, targets) as a DataLoader yields them
+    if isinstance(batch, dict):
+        return model(**batch)
+    raise TypeError(
+        f"recalibrate: cannot feed a batch of type {type(batch).__name__} to the model; pass tensors, "
+        f"(input, target) tuples, dicts of keyword arguments, or forward_fn=lambda model, batch: ..."
+    )
+
+
+def _progress(total: int, quiet: bool):
+    """A tqdm bar on a terminal (``None`` when quiet, not a tty, or tqdm is missing)."""
+    if quiet or not getattr(sys.stderr, "isatty", lambda: False)():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="recalibrate", unit="batch", file=sys.stderr)
+
+
+@torch.no_grad()
+def recalibrate(
+    model: nn.Module,
+    batches: Iterable,
+    num_batches: int = 200,
+    *,
+    forward_fn: Optional[Callable] = None,
+    quiet: bool = False,
+) -> Dict[str, int]:
+    r"""Set every batch norm's running statistics to the exact pooled statistics of its input.
+
+    Runs ``model`` on up to ``num_batches`` batches from ``batches`` with every batch norm
+    normalizing by the statistics of the current batch (as in training) and every other
+    module in eval mode (dropout off, as at inference), then writes per BN, in place:
+    ``running_mean`` = the mean of all values its input took, ``running_var`` = their
+    unbiased variance (pooled with Chan's merge in float64, see the module docstring), and
+    ``num_batches_tracked += number of batches``. Nothing else changes: parameters and all
+    other buffers stay bit-identical, and the training mode of every module is restored
+    in ``try/finally``. If a batch raises, the running statistics are restored to their
+    values before the call and the error propagates.
+
+    How: a forward pre-hook on each BN computes the batch's per-channel ``(n_k, mu_k, var_k)``
+    (one read of the BN input; float32 statistics with re-centring at large offsets) and
+    stores them as the BN's running statistics, and the BN runs in eval mode - which then
+    normalizes with exactly the batch statistics. So the cost is that of plain eval-mode
+    forwards plus one statistics pass per BN, whatever the BN variant (renorm, ghost,
+    frozen, torch.nn or this library's), and momentum is not touched.
+
+    Args:
+        model: any module containing batch norms with ``track_running_stats=True`` (those
+            without running statistics are left alone).
+        batches: iterable of tensors, ``(input, target, ...)`` tuples/lists (the first item is
+            fed), or dicts of keyword arguments; e.g. a ``DataLoader``.
+        num_batches: at most this many batches are used (must be >= 1).
+        forward_fn: ``forward_fn(model, batch)`` to feed a batch some other way.
+        quiet: no progress bar (it is also off when stderr is not a terminal).
+
+    Returns:
+        ``{bn_name: n}``: the number of values per channel pooled for each batch norm
+        (0 for a batch norm the batches never reached; its statistics are kept).
+
+    Shapes: each BN sees ``(N, C, *)``; ``n`` sums ``N * prod(spatial)`` over the batches.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+        >>> counts = recalibrate(model, [torch.randn(16, 3, 8, 8) for _ in range(10)], quiet=True)
+        >>> counts                            # {'1': 5760}: 10 batches x 16 x 6 x 6
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"recalibrate expects an nn.Module, got {type(model).__name__}")
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")
+    try:
+        batch_iter = iter(batches)
+    except TypeError:
+        raise TypeError(f"batches must be an iterable of batches (e.g. a DataLoader), got {type(batches).__name__}") from None
+    call = forward_fn or _default_call
+    bns = [(name, bn) for name, bn in bn_modules(model) if has_running_stats(bn)]
+    if not bns:
+        raise ValueError("recalibrate: the model has no batch norm with running statistics; nothing to recalibrate")
+
+    saved = {name: (bn.running_mean.clone(), bn.running_var.clone()) for name, bn in bns}
+    modes = [(m, m.training) for m in model.modules()]
+    parts: Dict[str, list] = {name: [] for name, _ in bns}
+
+    def make_hook(name):
+        def hook(bn, args):
+            x = args[0]
+            mean, var = batch_moments(x)
+            n = x.numel() // x.shape[1] if x.shape[1] else 0
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            parts[name].append((n, mean.double(), var.double() * n))
+
+        return hook
+
+    handles = []
+    bar = _progress(num_batches, quiet)
+    seen = 0
+    ok = False
+    try:
+        model.eval()
+        for name, bn in bns:
+            handles.append(bn.register_forward_pre_hook(make_hook(name)))
+        for batch in batch_iter:
+            call(model, batch)
+            seen += 1
+            if bar is not None:
+                bar.update(1)
+            if seen >= num_batches:
+                break
+        if seen == 0:
+            raise ValueError("recalibrate: batches yielded no batch; running statistics left unchanged")
+        results = {}
+        for name, bn in bns:
+            if not parts[name]:
+                results[name] = None
+                continue
+            counts = torch.tensor([p[0] for p in parts[name]], dtype=torch.float64)
+            n, mean, m2 = merge_moments(
+                counts, torch.stack([p[1] for p in parts[name]]), torch.stack([p[2] for p in parts[name]])
+            )
+            if n < 2:
+                raise ValueError(
+                    f"recalibrate: batch norm '{name}' saw {int(n)} value(s) per channel in total; "
+                    f"the unbiased variance needs at least 2 - pass more or larger batches"
+                )
+            results[name] = (int(n), mean, m2 / (n - 1))
+        ok = True
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.train(mode)
+        if bar is not None:
+            bar.close()
+        for name, bn in bns:
+            rm, rv = saved[name]
+            bn.running_mean.copy_(rm)
+            bn.running_var.copy_(rv)
+    counts_out = {}
+    for name, bn in bns:
+        res = results[name] if ok else None
+        if res is None:
+            counts_out[name] = 0
+            continue
+        n, mean, var = res
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        if isinstance(getattr(bn, "num_batches_tracked", None), torch.Tensor):
+            bn.num_batches_tracked.add_(len(parts[name]))
+        counts_out[name] = n
+    return counts_out
