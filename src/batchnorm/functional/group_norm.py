@@ -1,0 +1,184 @@
+r"""Group, layer and instance norm: the same normalize-then-affine over other axes.
+
+With ``x`` of shape ``(N, C, *spatial)``:
+
+* **group norm** (Wu & He, 2018): statistics per (sample, group of ``C/G`` channels) over
+  ``(C/G, *spatial)``; per-channel affine;
+* **layer norm** (Ba et al., 2016): statistics per sample over the trailing
+  ``normalized_shape``; elementwise affine of that shape;
+* **instance norm** (Ulyanov et al., 2016): statistics per (sample, channel) over
+  ``*spatial``; per-channel affine. It is batch norm of the ``(1, N*C, *spatial)``
+  view, so it runs through the batch-norm statistics core
+  (:func:`batchnorm.functional._core.batch_moments_and_normalize`) and can keep running
+  statistics like torch.nn's ``track_running_stats=True``.
+
+Each group is normalized as ``xhat = (x - mu) / sqrt(sigma^2 + eps)`` with the biased
+variance, then ``y = gamma * xhat + beta``. Group and layer norm call PyTorch's native
+kernels (``native_group_norm`` / ``native_layer_norm``, float32 accumulation for
+half inputs); the equivalences ``group_norm(G=1) == layer_norm over (C, *spatial)`` and
+``group_norm(G=C) == instance_norm`` hold with the same affine.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _core
+
+__all__ = ["group_norm", "layer_norm", "instance_norm", "check_num_groups"]
+
+
+def _check_tensor(x, what: str, min_dim: int) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor input, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{what}: input has dtype {x.dtype}; needs a floating-point input, e.g. x.float()")
+    if x.dim() < min_dim:
+        raise ValueError(f"{what}: expected at least {min_dim} dimensions, got shape {tuple(x.shape)}")
+
+
+def _check_param(t, name: str, shape: tuple, x: Tensor, what: str) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{what}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(
+            f"{what}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)} for input of shape {tuple(x.shape)}"
+        )
+    if t.device != x.device:
+        raise ValueError(f"{what}: {name} is on {t.device} but the input is on {x.device}; use module.to(x.device)")
+
+
+def check_num_groups(num_groups, num_channels) -> None:
+    """``num_groups`` must be a positive int dividing ``num_channels``."""
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    if num_channels % num_groups:
+        divisors = [g for g in range(1, num_channels + 1) if num_channels % g == 0]
+        raise ValueError(
+            f"num_groups={num_groups} must divide the number of channels {num_channels}; "
+            f"choose one of {divisors}"
+        )
+
+
+def group_norm(
+    input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5
+) -> Tensor:
+    r"""Group normalization of an ``(N, C, *)`` input (Wu & He, 2018).
+
+    .. math::
+        y_{n,c} = \gamma_c\,\frac{x_{n,c} - \mu_{n,g}}{\sqrt{\sigma^2_{n,g} + \epsilon}} + \beta_c,
+        \qquad g = \lfloor c\,G/C \rfloor
+
+    with ``mu``/``sigma^2`` (biased) over the ``C/G`` channels of group ``g`` and all spatial
+    positions of sample ``n``. Same signature as :func:`torch.nn.functional.group_norm`;
+    weight and bias have shape ``(C,)``. Raises ``ValueError`` if ``G`` does not divide ``C``.
+
+    Example::
+
+        >>> y = group_norm(torch.randn(2, 32, 8, 8), num_groups=8)
+    """
+    what = "group_norm"
+    _check_tensor(input, what, 2)
+    c = input.shape[1]
+    check_num_groups(num_groups, c)
+    _check_param(weight, "weight", (c,), input, what)
+    _check_param(bias, "bias", (c,), input, what)
+    return F.group_norm(input, num_groups, weight, bias, eps)
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: Union[int, Sequence[int]],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""Layer normalization over the trailing ``normalized_shape`` dimensions (Ba et al., 2016).
+
+    .. math::
+        y = \gamma \odot \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
+
+    with ``mu``/``sigma^2`` (biased) over the last ``len(normalized_shape)`` dimensions of each
+    sample; ``gamma``/``beta`` have shape ``normalized_shape``. Same signature as
+    :func:`torch.nn.functional.layer_norm`.
+
+    Example::
+
+        >>> y = layer_norm(torch.randn(4, 10, 32), (32,))
+    """
+    what = "layer_norm"
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    _check_tensor(input, what, max(len(shape), 1))
+    if tuple(input.shape[input.dim() - len(shape):]) != shape:
+        raise ValueError(
+            f"{what}: the input's trailing dimensions {tuple(input.shape[input.dim() - len(shape):])} do not match "
+            f"normalized_shape {shape} (input shape {tuple(input.shape)})"
+        )
+    _check_param(weight, "weight", shape, input, what)
+    _check_param(bias, "bias", shape, input, what)
+    return F.layer_norm(input, shape, weight, bias, eps)
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    use_input_stats: bool = True,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    *,
+    num_batches_tracked: Optional[Tensor] = None,
+) -> Tensor:
+    r"""Instance normalization of an ``(N, C, *spatial)`` input (Ulyanov et al., 2016).
+
+    .. math::
+        y_{n,c} = \gamma_c\,\frac{x_{n,c} - \mu_{n,c}}{\sqrt{\sigma^2_{n,c} + \epsilon}} + \beta_c
+
+    with ``mu``/``sigma^2`` (biased) over the spatial positions of each (sample, channel);
+    computed as batch norm of the ``(1, N*C, *spatial)`` view. With ``use_input_stats`` and
+    running statistics given, they are updated like torch.nn's: the per-instance means and
+    unbiased variances are averaged over ``N``, then
+    ``running <- running + m * (batch - running)`` (``momentum=None``: cumulative average
+    over ``num_batches_tracked``, which torch.nn does not support). With
+    ``use_input_stats=False`` the running statistics normalize (eval with tracking).
+
+    Same signature as :func:`torch.nn.functional.instance_norm` plus ``num_batches_tracked``.
+    Nothing is mutated when the call raises.
+
+    Example::
+
+        >>> y = instance_norm(torch.randn(4, 3, 16, 16))
+    """
+    what = "instance_norm"
+    _check_tensor(input, what, 3)
+    count = _core.check_input(input, weight, bias, running_mean, running_var, False, what=what)
+    _core.check_momentum(momentum)
+    n, c = input.shape[:2]
+    k = count // n if n else 0
+    if not use_input_stats:
+        if running_mean is None:
+            raise ValueError(f"{what}: use_input_stats=False needs running_mean and running_var")
+        return _core.normalize_with_running_stats(input, running_mean, running_var, weight, bias, eps)
+    if k < 2:
+        raise ValueError(
+            f"{what}: expected more than 1 spatial value per instance, got input of shape {tuple(input.shape)}"
+        )
+    if running_mean is not None and momentum is None and num_batches_tracked is None:
+        raise ValueError(f"{what}: momentum=None (cumulative average) needs num_batches_tracked")
+    flat = input.reshape((1, n * c) + tuple(input.shape[2:]))
+    w = None if weight is None else weight.repeat(n)
+    b = None if bias is None else bias.repeat(n)
+    y, mean, rstd = _core.batch_moments_and_normalize(flat, w, b, eps)
+    if running_mean is not None:
+        var = _core.var_from_rstd(rstd, eps).view(n, c).mean(0)
+        _core.update_running_stats(running_mean, running_var, num_batches_tracked, mean.view(n, c).mean(0), var, k,
+                                   momentum)  # fmt: skip
+    return y.view(input.shape)

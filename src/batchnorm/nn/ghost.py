@@ -1,0 +1,112 @@
+"""Ghost (virtual) batch norm modules (Hoffer et al., 2017): ``GhostBatchNorm1d/2d/3d``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from ..functional.ghost import check_virtual_batch_size, ghost_batch_norm
+from .batchnorm import _BatchNorm
+
+__all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
+
+
+class _GhostBatchNorm(_BatchNorm):
+    r"""Batch norm with statistics per virtual batch of ``virtual_batch_size`` samples in training.
+
+    .. math::
+        y_i = \gamma\,\frac{x_i - \mu_{B_k}}{\sqrt{\sigma^2_{B_k} + \epsilon}} + \beta \quad (i \in B_k)
+
+    where ``B_k`` are consecutive chunks of the batch along ``N`` (the last one smaller
+    when ``N`` is not a multiple). Running statistics are updated once per forward from
+    the whole batch (exact merge of the chunks' statistics); eval mode is plain batch norm.
+    See :func:`batchnorm.functional.ghost.ghost_batch_norm` for the decisions.
+
+    Constructor: that of :class:`torch.nn.BatchNorm2d` plus keyword-only
+    ``virtual_batch_size`` (default 32). Parameters, buffers and state_dict are those of
+    ``torch.nn.BatchNorm2d``; checkpoints load both ways with ``strict=True``.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        virtual_batch_size: int = 32,
+        check_finite: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        check_virtual_batch_size(virtual_batch_size)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         check_finite=check_finite, backend=backend)  # fmt: skip
+        self.virtual_batch_size = virtual_batch_size
+
+    def _forward(self, input: Tensor, residual=None, activation=None) -> Tensor:
+        if not self.training:
+            return super()._forward(input, residual, activation)
+        if residual is not None or activation is not None:
+            raise ValueError(f"{type(self).__name__}: residual/activation fusion is not supported in training")
+        self._check_input_dim(input)
+        running_mean, running_var, num_batches_tracked = self._running_stats_to_update()
+        return ghost_batch_norm(
+            input,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            training=True,
+            momentum=self.momentum,
+            eps=self.eps,
+            virtual_batch_size=self.virtual_batch_size,
+            num_batches_tracked=num_batches_tracked,
+            check_finite=self.check_finite,
+            backend=self.backend,
+        )
+
+    def _extra_init_kwargs(self) -> dict:
+        return {"virtual_batch_size": self.virtual_batch_size}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
+
+
+class GhostBatchNorm1d(_GhostBatchNorm):
+    """Ghost batch norm of ``(N, C)`` or ``(N, C, L)`` input.
+
+    Example::
+
+        >>> m = GhostBatchNorm1d(100, virtual_batch_size=16)
+        >>> y = m(torch.randn(64, 100))
+    """
+
+    _input_dims = (2, 3)
+
+
+class GhostBatchNorm2d(_GhostBatchNorm):
+    """Ghost batch norm of ``(N, C, H, W)`` input.
+
+    Example::
+
+        >>> m = GhostBatchNorm2d(64, virtual_batch_size=32)
+        >>> y = m(torch.randn(128, 64, 8, 8))
+    """
+
+    _input_dims = (4,)
+
+
+class GhostBatchNorm3d(_GhostBatchNorm):
+    """Ghost batch norm of ``(N, C, D, H, W)`` input.
+
+    Example::
+
+        >>> m = GhostBatchNorm3d(16, virtual_batch_size=4)
+        >>> y = m(torch.randn(8, 16, 4, 8, 8))
+    """
+
+    _input_dims = (5,)
