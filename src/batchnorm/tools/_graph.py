@@ -53,6 +53,11 @@ def is_batchnorm(m: nn.Module) -> bool:
     )
 
 
+def is_frozen(bn: nn.Module) -> bool:
+    """A frozen batch norm (fixed statistics by design: this library's or torchvision's ``FrozenBatchNorm*``)."""
+    return "frozen" in type(bn).__name__.lower()
+
+
 def has_running_stats(bn: nn.Module) -> bool:
     """Whether eval mode uses running statistics (``track_running_stats=True``)."""
     return isinstance(getattr(bn, "running_mean", None), torch.Tensor) and isinstance(
@@ -178,6 +183,9 @@ def _fx_sites(gm: torch.fx.GraphModule, module: nn.Module, prefix: str, out: Ana
         out.sites[site.name] = site
         if not used_once(node.target):
             site.note = "the BN module is called more than once"
+            continue
+        if len(node.args) != 1 or node.kwargs:
+            site.note = "the BN is called with extra arguments (e.g. a fused residual)"
             continue
         src = node.args[0] if node.args else None
         site.prev_kind = _describe(src)

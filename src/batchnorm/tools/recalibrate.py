@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..functional._core import batch_moments, merge_moments
-from ._graph import bn_modules, has_running_stats
+from ._graph import bn_modules, has_running_stats, is_frozen
 
 __all__ = ["recalibrate"]
 
@@ -73,7 +73,7 @@ def recalibrate(
     module in eval mode (dropout off, as at inference), then writes per BN, in place:
     ``running_mean`` = the mean of all values its input took, ``running_var`` = their
     unbiased variance (pooled with Chan's merge in float64, see the module docstring), and
-    ``num_batches_tracked += number of batches``. Nothing else changes: parameters and all
+    ``num_batches_tracked +=`` the number of batches it saw (calls, for a BN used twice per forward). Nothing else changes: parameters and all
     other buffers stay bit-identical, and the training mode of every module is restored
     in ``try/finally``. If a batch raises, the running statistics are restored to their
     values before the call and the error propagates.
@@ -87,7 +87,7 @@ def recalibrate(
 
     Args:
         model: any module containing batch norms with ``track_running_stats=True`` (those
-            without running statistics are left alone).
+            without running statistics, and frozen batch norms, are left alone).
         batches: iterable of tensors, ``(input, target, ...)`` tuples/lists (the first item is
             fed), or dicts of keyword arguments; e.g. a ``DataLoader``.
         num_batches: at most this many batches are used (must be >= 1).
@@ -115,7 +115,7 @@ def recalibrate(
     except TypeError:
         raise TypeError(f"batches must be an iterable of batches (e.g. a DataLoader), got {type(batches).__name__}") from None
     call = forward_fn or _default_call
-    bns = [(name, bn) for name, bn in bn_modules(model) if has_running_stats(bn)]
+    bns = [(name, bn) for name, bn in bn_modules(model) if has_running_stats(bn) and not is_frozen(bn)]
     if not bns:
         raise ValueError("recalibrate: the model has no batch norm with running statistics; nothing to recalibrate")
 
