@@ -292,7 +292,7 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
         return z, z.clone()
     xs = x.to(work) if x.dtype in _HALF else x
     mean, var = torch.batch_norm_update_stats(xs, None, None, 0.0)
-    if work != torch.float64 and _off_center(mean, torch.rsqrt(var + 1e-30)):
+    if work != torch.float64 and _off_center(mean, var=var, eps=1e-30):
         shift = mean.to(x.dtype)
         mean, var = torch.batch_norm_update_stats(xs - param_view(shift.to(xs.dtype), x.dim()), None, None, 0.0)
         mean = mean + shift.to(work)
