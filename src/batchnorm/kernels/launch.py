@@ -56,14 +56,28 @@ def _target_programs(device: torch.device) -> int:
     return CPU_PROGRAMS
 
 
+def spatial_flattenable(t: Tensor) -> bool:
+    """Whether the spatial dimensions of ``t`` merge into one strided axis (a view exists)."""
+    dims = [(size, stride) for size, stride in zip(t.shape[2:], t.stride()[2:]) if size != 1]
+    return all(dims[i][1] == dims[i + 1][1] * dims[i + 1][0] for i in range(len(dims) - 1))
+
+
 def view3(t: Tensor) -> Tensor:
-    """``(N, C, *spatial)`` -> ``(N, C, S)`` view, copying only when no view exists."""
+    """``(N, C, *spatial)`` -> ``(N, C, S)`` view of an input, copying only when no view exists
+    (e.g. spatial dimensions transposed in memory). Outputs come from :func:`output_like`,
+    which always has a view, so a kernel never writes into a temporary copy."""
     n, c = t.shape[:2]
     s = math.prod(t.shape[2:])
-    try:
-        return t.view(n, c, s)
-    except RuntimeError:  # spatial dims not flattenable by a view (rare strided inputs)
-        return t.contiguous().view(n, c, s)
+    if not spatial_flattenable(t):
+        t = t.contiguous()
+    return t.view(n, c, s)
+
+
+def output_like(t: Tensor) -> Tensor:
+    """Uninitialized tensor like ``t``: its memory format when that has an ``(N, C, S)`` view
+    (contiguous, channels_last, ...), else contiguous. Used by the fake implementations too."""
+    fmt = torch.preserve_format if spatial_flattenable(t) else torch.contiguous_format
+    return _empty_like(t, memory_format=fmt)
 
 
 def _strides(t3: Tensor) -> Tuple[int, int, int]:
@@ -142,9 +156,18 @@ def _tiling(p: Plan):
                 BLOCK_C=p.block_c, BLOCK_S=p.block_s, num_warps=p.num_warps)
 
 
+# Every buffer a launcher returns or reduces through is allocated by these two, so a test
+# can fill them with NaN first and catch any element a kernel leaves unwritten.
+def _empty_like(t: Tensor, memory_format=torch.preserve_format) -> Tensor:
+    return torch.empty_like(t, memory_format=memory_format)
+
+
+def _empty(shape, device) -> Tensor:
+    return torch.empty(shape, device=device, dtype=torch.float32)
+
+
 def _stat(x: Tensor, rows: int = 1) -> Tensor:
-    shape = (x.shape[1],) if rows == 1 else (rows, x.shape[1])
-    return torch.empty(shape, device=x.device, dtype=torch.float32)
+    return _empty((x.shape[1],) if rows == 1 else (rows, x.shape[1]), x.device)
 
 
 def train_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
@@ -155,7 +178,7 @@ def train_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r
     memory format; ``mean = shift + dmean``, ``rstd = 1/sqrt(var + eps)`` with the biased
     variance, all ``(C,)`` float32. ``shift``/``dmean`` are what the backward re-normalizes with.
     """
-    y = torch.empty_like(x)
+    y = output_like(x)
     mean, rstd, shift, dmean = (_stat(x) for _ in range(4))
     x3, y3 = view3(x), view3(y)
     r3 = view3(residual) if residual is not None else None
@@ -179,7 +202,7 @@ def infer_forward(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: 
                   bias: Optional[Tensor], residual: Optional[Tensor], eps: float, activation: str, **plan_kw) -> Tensor:
     """Inference forward in one launch (one read of ``x`` [and residual], one write of ``y``):
     ``y = act(gamma * (x - running_mean) / sqrt(running_var + eps) + beta [+ residual])``."""
-    y = torch.empty_like(x)
+    y = output_like(x)
     x3, y3 = view3(x), view3(y)
     r3 = view3(residual) if residual is not None else None
     p = make_plan(x3, [y3, r3], **plan_kw)
@@ -207,8 +230,8 @@ def backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     """
     act = ACT_CODES[activation]
     write_g = need_dres and act != 0
-    dx = torch.empty_like(x)
-    dres = torch.empty_like(residual if residual is not None else x) if write_g else x.new_empty((0,))
+    dx = output_like(x)
+    dres = output_like(residual if residual is not None else x) if write_g else x.new_empty((0,))
     dy3, x3, dx3 = view3(dy), view3(x), view3(dx)
     r3 = view3(residual) if (residual is not None and act != 0) else None
     g3 = view3(dres) if write_g else None

@@ -35,7 +35,7 @@ def bn_act_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], re
 
 @bn_act_train.register_fake
 def _(x, weight, bias, residual, eps, activation):
-    return (torch.empty_like(x),) + tuple(_stat_like(x) for _ in range(4))
+    return (launch.output_like(x),) + tuple(_stat_like(x) for _ in range(4))
 
 
 def _train_setup(ctx, inputs, output):
@@ -79,7 +79,7 @@ def bn_act_infer(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: O
 
 @bn_act_infer.register_fake
 def _(x, running_mean, running_var, weight, bias, residual, eps, activation):
-    return torch.empty_like(x)
+    return launch.output_like(x)
 
 
 def _infer_setup(ctx, inputs, output):
@@ -118,7 +118,7 @@ def bn_act_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optio
 @bn_act_backward.register_fake
 def _(dy, x, weight, bias, residual, shift, dmean, rstd, activation, training, need_dres):
     if need_dres and activation != "identity":
-        dres = torch.empty_like(residual if residual is not None else x)
+        dres = launch.output_like(residual if residual is not None else x)
     else:
         dres = x.new_empty((0,))
-    return torch.empty_like(x), _stat_like(x), _stat_like(x), dres
+    return launch.output_like(x), _stat_like(x), _stat_like(x), dres
