@@ -311,4 +311,4 @@ def fold_batchnorm(model: nn.Module) -> Tuple[nn.Module, FoldReport]:
                 layer.bias.copy_(b)
         set_submodule(new, name, _ACT_MODULES[act]() if act else nn.Identity())
         report.folded.append((name, layer_name, direction))
-    return new, report
+    return new.eval(), report
