@@ -1,0 +1,143 @@
+"""Run experiments: compute (or reuse) metrics, plot from the saved files, write the report.
+
+Each experiment is a module with this interface:
+
+* ``TITLE``, ``CLAIM`` - strings for the report;
+* ``run(ctx: Context) -> dict`` - train and measure; returns JSON-serialisable metrics
+  with a ``"tables"`` entry ``{name: {"columns": [...], "rows": [[...], ...]}}`` that
+  is also written as ``<name>.csv``;
+* ``plot(metrics: dict, out_dir: Path) -> list[(png name, caption)]`` - figures drawn
+  only from the metrics *as read back from* ``metrics.json``;
+* ``section(metrics: dict) -> Section`` - headline table and findings.
+
+``metrics.json`` is written last and atomically, with a ``fingerprint`` (experiment,
+seed, --fast, data hash, version). A folder whose ``metrics.json`` parses and has the
+same fingerprint is complete and is reused rather than recomputed; anything else
+(missing, truncated, other settings) is recomputed. This is how an interrupted
+``batchnorm reproduce all`` resumes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .data import Dataset
+from .report import Section, read_json, write_csv, write_json, write_report
+
+__all__ = ["EXPERIMENTS", "Context", "load_complete", "run_experiment", "run_many"]
+
+#: experiment name -> module (the order of ``reproduce all``)
+EXPERIMENTS = {
+    "fig1": "batchnorm.experiments.fig1",
+    "learning-rate": "batchnorm.experiments.learning_rate",
+    "init-scale": "batchnorm.experiments.init_scale",
+    "depth": "batchnorm.experiments.depth",
+    "small-batch": "batchnorm.experiments.small_batch",
+    "convnet": "batchnorm.experiments.convnet",
+    "train-eval": "batchnorm.experiments.train_eval",
+}
+
+#: bump when an experiment's protocol changes, so old results are not reused
+RESULTS_VERSION = 1
+
+
+@dataclass
+class Context:
+    """What every experiment gets: the data, the seed, ``fast`` (tiny settings for tests), ``quiet``."""
+
+    data: Dataset
+    seed: int = 0
+    fast: bool = False
+    quiet: bool = False
+
+
+def _fingerprint(name: str, ctx: Context) -> dict:
+    return {"experiment": name, "seed": ctx.seed, "fast": ctx.fast, "data": ctx.data.fingerprint(),
+            "data_name": ctx.data.name, "version": RESULTS_VERSION}
+
+
+def load_complete(out_dir, name: str, ctx: Context) -> Optional[dict]:
+    """The saved metrics if ``out_dir/metrics.json`` is complete for these settings, else ``None``."""
+    path = Path(out_dir) / "metrics.json"
+    try:
+        metrics = read_json(path)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(metrics, dict) or metrics.get("fingerprint") != _fingerprint(name, ctx):
+        return None
+    for table in metrics.get("tables", {}):
+        if not (Path(out_dir) / f"{table}.csv").is_file():
+            return None
+    return metrics
+
+
+def _module(name: str):
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose one of: {', '.join(EXPERIMENTS)} or all")
+    return importlib.import_module(EXPERIMENTS[name])
+
+
+def run_experiment(name: str, out_dir, ctx: Context, *, force: bool = False) -> Section:
+    """Run (or reuse) experiment ``name`` into ``out_dir``: metrics, CSVs, figures, report."""
+    mod = _module(name)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = None if force else load_complete(out_dir, name, ctx)
+    reused = saved is not None
+    if not reused:
+        torch.manual_seed(ctx.seed)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny ops: one thread is faster, immune to a busy CPU, and deterministic
+        try:
+            start = time.perf_counter()
+            metrics = mod.run(ctx)
+            metrics["elapsed_s"] = time.perf_counter() - start
+        finally:
+            torch.set_num_threads(threads)
+        metrics["fingerprint"] = _fingerprint(name, ctx)
+        metrics["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip() + \
+            f", torch {torch.__version__}, 1 thread"
+        metrics["data_description"] = ctx.data.describe()
+        json.dumps(metrics, allow_nan=True)  # fail before writing anything if not serialisable
+        for table, spec in metrics.get("tables", {}).items():
+            write_csv(out_dir / f"{table}.csv", spec["columns"], spec["rows"])
+        write_json(out_dir / "metrics.json", metrics)  # last: its presence marks completion
+    metrics = read_json(out_dir / "metrics.json")  # figures and report come from the file
+    figures = mod.plot(metrics, out_dir)
+    sec = mod.section(metrics)
+    sec.figures = figures
+    sec.elapsed_s = float(metrics.get("elapsed_s", 0.0))
+    sec.reused = reused
+    write_report(out_dir, f"batchnorm reproduce {name}", _preamble(metrics), [sec])
+    return sec
+
+
+def _preamble(metrics: dict) -> list[str]:
+    fp = metrics["fingerprint"]
+    return [f"Data: {metrics['data_description']}. Seed {fp['seed']}{', --fast (tiny settings)' if fp['fast'] else ''}. "
+            f"Measured on {metrics['machine']}. Same seed and machine give the same numbers."]
+
+
+def run_many(names, out_root, ctx: Context, *, force: bool = False, log=print) -> list[Section]:
+    """Run several experiments into ``out_root/<name>/`` and write a combined report in ``out_root``."""
+    out_root = Path(out_root)
+    sections = []
+    for name in names:
+        start = time.perf_counter()
+        sec = run_experiment(name, out_root / name, ctx, force=force)
+        log(f"{name}: {'reused complete results' if sec.reused else 'done'} "
+            f"({time.perf_counter() - start:.1f} s) -> {out_root / name / 'report.md'}")
+        sections.append(sec.prefixed(name))
+    pre = _preamble(read_json(out_root / names[0] / "metrics.json"))
+    total = sum(s.elapsed_s for s in sections)
+    pre.append(f"Total compute time of the experiments: {total:.0f} s (sum of each experiment's own run time).")
+    write_report(out_root, "batchnorm reproduce all", pre, sections)
+    return sections

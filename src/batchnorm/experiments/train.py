@@ -1,0 +1,141 @@
+"""The one training loop every experiment uses, with seeded data order and a progress bar.
+
+Reproducibility: the caller seeds the model's initialisation (``torch.manual_seed``);
+the data order comes from its own ``torch.Generator`` seeded with ``seed``, so two
+runs with the same seed see the same batches in the same order and produce the same
+numbers on the same machine. Batches are drawn epoch by epoch from a fresh
+permutation, dropping the last incomplete batch (batch statistics of a partial batch
+would differ in size between arms).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .data import Dataset
+
+__all__ = ["progress", "batch_indices", "evaluate", "train", "param_groups", "steps_to_reach"]
+
+
+def progress(total: int, desc: str, quiet: bool = False):
+    """A tqdm bar on stderr, hidden with ``quiet`` or when stderr is not a terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=quiet or not sys.stderr.isatty(), leave=False, unit="step")
+
+
+def batch_indices(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """Endless stream of index batches: a seeded permutation per epoch, last partial batch dropped."""
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be in 1..{n} (the training-set size), got {batch_size}")
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield perm[i:i + batch_size]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, train_mode: bool = False, batch_size: int = 1000) -> float:
+    """Accuracy of ``model`` on ``(x, y)``.
+
+    ``train_mode=False``: eval mode (running statistics). ``train_mode=True``: batch
+    statistics over consecutive batches of ``batch_size``, evaluated on a *copy* of the
+    model so its running statistics are not touched. The model's mode is restored.
+    """
+    was_training = model.training
+    net = copy.deepcopy(model) if train_mode else model
+    net.train(train_mode)
+    try:
+        correct = 0
+        n = len(y) - len(y) % batch_size if train_mode and len(y) >= batch_size else len(y)
+        for i in range(0, n, batch_size):
+            correct += int((net(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+        return correct / max(n, 1)
+    finally:
+        model.train(was_training)
+
+
+def param_groups(model: nn.Module, lr: float, scaled: Optional[dict] = None):
+    """SGD parameter groups: ``scaled`` maps parameters to their own learning rate."""
+    scaled = scaled or {}
+    ids = {id(p) for p in scaled}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids], "lr": lr}]
+    groups += [{"params": [p], "lr": r} for p, r in scaled.items()]
+    return groups
+
+
+def train(
+    model: nn.Module,
+    data: Dataset,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    eval_every: int,
+    momentum: float = 0.0,
+    on_eval: Optional[Callable[[nn.Module, int], dict]] = None,
+    desc: str = "train",
+    quiet: bool = False,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+) -> dict:
+    """Train ``model`` with SGD and cross-entropy for ``steps`` steps; return its history.
+
+    At step 0 and every ``eval_every`` steps (and the last step) the test accuracy in
+    eval mode is recorded, plus whatever ``on_eval(model, step)`` returns. Training
+    stops early when the loss becomes NaN/Inf (``history["diverged"] = True``); the
+    remaining evaluation points are then not recorded.
+
+    Returns ``{"step": [...], "test_acc": [...], "train_loss": [...] (mean over each
+    interval), "diverged": bool, <on_eval keys>: [...]}``.
+    """
+    opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    hist: dict = {"step": [], "test_acc": [], "train_loss": [], "diverged": False}
+    batches = batch_indices(len(data.train_y), batch_size, seed)
+
+    def record(step: int, loss_sum: float, count: int) -> None:
+        hist["step"].append(step)
+        hist["test_acc"].append(evaluate(model, data.test_x, data.test_y))
+        hist["train_loss"].append(loss_sum / count if count else float("nan"))
+        if on_eval is not None:
+            for key, value in on_eval(model, step).items():
+                hist.setdefault(key, []).append(value)
+        model.train()
+
+    model.train()
+    record(0, 0.0, 0)
+    loss_sum, count = 0.0, 0
+    with progress(steps, desc, quiet) as bar:
+        for step in range(1, steps + 1):
+            idx = next(batches)
+            loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                hist["diverged"] = True
+                break
+            loss_sum, count = loss_sum + value, count + 1
+            if step % eval_every == 0 or step == steps:
+                record(step, loss_sum, count)
+                loss_sum, count = 0.0, 0
+            bar.update(1)
+    model.eval()
+    return hist
+
+
+def steps_to_reach(steps, accs, threshold: float) -> Optional[int]:
+    """First recorded step whose test accuracy is ``>= threshold``, or ``None`` if never."""
+    for s, a in zip(steps, accs):
+        if a >= threshold:
+            return int(s)
+    return None
