@@ -318,5 +318,5 @@ def merge_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, T
     n = counts.sum()
     w = counts / n.clamp_min(1)
     mean = (w.unsqueeze(1) * means).sum(0)
-    m2 = m2s.sum(0) + (counts.unsqueeze(1) * (means - mean).square()).sum(0)
+    m2 = (m2s * (counts > 0).unsqueeze(1)).sum(0) + (counts.unsqueeze(1) * (means - mean).square()).sum(0)
     return n, mean, m2
