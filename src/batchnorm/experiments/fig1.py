@@ -121,7 +121,7 @@ def section(metrics: dict) -> Section:
         findings.append("**Differs from the paper:** BN did not reach the threshold first in this run.")
     findings.append(
         f"Differences from the paper: {s['steps']} steps instead of 50,000, and the data set is "
-        f"{'MNIST' if metrics['fingerprint']['data_name'] == 'mnist' else 'the 8x8 scikit-learn digits (1,297 training images), so the accuracy ceiling and the absolute step counts are not comparable to the paper'}; "
+        f"{'MNIST' if metrics['fingerprint']['data_name'] == 'mnist' else 'the 8x8 scikit-learn digits ({metrics['data_description'].split(': ')[1].split(' (')[0]}), so the accuracy ceiling and the absolute step counts are not comparable to the paper'}; "
         f"the paper does not state its learning rate or initial weight scale (here lr={s['lr']}, "
         f"weights ~ N(0, {s['init_std']}^2)); both arms use the same values.")
     setup = (f"MLP {metrics['data_description'].split(':')[0]} inputs -> 3x100 sigmoid -> 10, weights "
