@@ -23,8 +23,9 @@ keras_momentum     warning  ``momentum >= 0.5``: Keras' *decay* 0.99 is PyTorch'
 no_running_stats   info     ``track_running_stats=False``: eval mode uses batch statistics
 ================== ======== =============================================================
 
-The gap of layer ``l`` is measured on the input that layer receives in an eval-mode run,
-so it isolates that layer's statistics from the upstream layers'. The model itself is
+The gap of layer ``l`` is measured on the input that layer receives when the BNs run in
+training mode (upstream layers normalize by the batch), so a layer with bad statistics does
+not make the layers after it look bad too. The model itself is
 never modified (the runs use a deep copy).
 """
 
@@ -216,23 +217,41 @@ def diagnose(
     batch = int(first.shape[0]) if first is not None and first.dim() > 0 else None
     report.example_shape = list(first.shape) if first is not None else None
 
-    # one eval-mode run, recording each BN's input
-    inputs = {}
-    hooks = [
-        bn.register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, args[0].detach()))
-        for name, bn in bns
-    ]
+    def run(module, record):
+        hooks = [
+            bn.register_forward_pre_hook(lambda m, args, name=name: record.setdefault(name, args[0].detach()))
+            for name, bn in module.named_modules()
+            if name in dict(bns)
+        ]
+        try:
+            return _first_tensor(_call(module, example_input))
+        finally:
+            for h in hooks:
+                h.remove()
+
+    # eval-mode run: the model's inference output (and fallback inputs for the per-layer gaps)
+    eval_inputs, train_inputs = {}, {}
     work.eval()
     try:
-        out_eval = _first_tensor(_call(work, example_input))
+        out_eval = run(work, eval_inputs)
     except Exception as err:
         raise ValueError(
             f"diagnose: the model failed on the example input ({type(err).__name__}: {err}); "
             f"pass an input shaped like a real batch"
         ) from err
-    finally:
-        for h in hooks:
-            h.remove()
+    # run with only the BNs in training mode (on a copy: it updates running statistics). Each BN's
+    # input here is what its running statistics should describe - upstream BNs normalized by the
+    # batch - so a layer's gap is its own, not inherited from a bad layer upstream.
+    trained = copy.deepcopy(work)
+    for _, bn in bn_modules(trained):
+        bn.train()
+    try:
+        out_train = run(trained, train_inputs)
+        if out_eval is not None and out_train is not None and out_train.shape == out_eval.shape:
+            report.model_gap = _rel_gap(out_train, out_eval)
+    except (ValueError, RuntimeError):
+        train_inputs = {}  # e.g. one value per channel: training mode cannot run
+    inputs = {**eval_inputs, **train_inputs}
 
     any_train = False
     for name, bn in bns:
@@ -351,17 +370,6 @@ def diagnose(
             "larger batch, or SyncBatchNorm across devices; for inference in eval mode this is fine",
         )
         findings.append(add)
-
-    # model-level gap: the same copy with only its batch norms in training mode
-    if bns and out_eval is not None:
-        for _, bn in bns:
-            bn.train()
-        try:
-            out_train = _first_tensor(_call(work, example_input))
-            if out_train is not None and out_train.shape == out_eval.shape:
-                report.model_gap = _rel_gap(out_train, out_eval)
-        except (ValueError, RuntimeError):
-            report.model_gap = None  # e.g. one value per channel: training mode cannot run
 
     order = {s: i for i, s in enumerate(SEVERITIES)}
     report.findings = sorted(findings, key=lambda f: order[f.severity])
