@@ -119,9 +119,14 @@ def section(metrics: dict) -> Section:
         f"{spread('none')[2]:.2f} wide without BN and from {spread('bn')[1]:.2f} to {spread('bn')[2]:.2f} with BN.")
     if not bn or (nobn and nobn <= bn):
         findings.append("**Differs from the paper:** BN did not reach the threshold first in this run.")
+    n_images = metrics["data_description"].split(": ")[1].split(" (")[0]
+    if metrics["fingerprint"]["data_name"] == "mnist":
+        data_phrase = f"MNIST ({n_images})"
+    else:
+        data_phrase = (f"the 8x8 scikit-learn digits ({n_images}), so the accuracy ceiling and the absolute step "
+                       "counts are not comparable to the paper")
     findings.append(
-        f"Differences from the paper: {s['steps']} steps instead of 50,000, and the data set is "
-        f"{'MNIST' if metrics['fingerprint']['data_name'] == 'mnist' else 'the 8x8 scikit-learn digits ({metrics['data_description'].split(': ')[1].split(' (')[0]}), so the accuracy ceiling and the absolute step counts are not comparable to the paper'}; "
+        f"Differences from the paper: {s['steps']} steps instead of 50,000; the data set is {data_phrase}; "
         f"the paper does not state its learning rate or initial weight scale (here lr={s['lr']}, "
         f"weights ~ N(0, {s['init_std']}^2)); both arms use the same values.")
     setup = (f"MLP {metrics['data_description'].split(':')[0]} inputs -> 3x100 sigmoid -> 10, weights "
