@@ -2,12 +2,17 @@
 
 - :mod:`batchnorm.reference` - the algorithm in plain NumPy float64 (the test oracle);
 - :mod:`batchnorm.functional` - torch functions with selectable backends;
-- :mod:`batchnorm.nn` - drop-in modules (also exported here).
+- :mod:`batchnorm.nn` - drop-in modules (also exported here);
+- :mod:`batchnorm.distributed` - SyncBatchNorm on torch.distributed;
+- :mod:`batchnorm.tools` - fold, recalibrate, diagnose, convert;
+- :mod:`batchnorm.experiments` - ``batchnorm reproduce``.
 """
 
 from . import functional, reference
-from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .distributed import SyncBatchNorm, convert_sync_batchnorm
+from .nn import *  # noqa: F401,F403
+from .nn import __all__ as _nn_all
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "reference", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "__version__"]
+__all__ = ["functional", "reference", "SyncBatchNorm", "convert_sync_batchnorm", "__version__", *_nn_all]
