@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import REL_TOL, assert_rel_close
 
 from batchnorm.nn.batchnorm import BatchNorm2d
 from batchnorm.nn.fused import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
-from tolerances import REL_TOL, assert_rel_close
 
 pytest.importorskip("triton")
 

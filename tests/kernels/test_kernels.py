@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tolerances import REL_TOL, assert_rel_close
 
 from batchnorm import reference as R
 from batchnorm.functional import batch_norm
 from batchnorm.kernels import is_available, launch, ops
-from tolerances import REL_TOL, assert_rel_close
 
 pytest.importorskip("triton")
 
@@ -225,17 +225,19 @@ def test_half_with_float32_params():
     g = torch.Generator().manual_seed(6)
     x = torch.randn(4, 3, 6, 5, generator=g).to(DEV, torch.bfloat16)
     w, b, rm, rv = _params(3)
-    xg, wg, bg, _, y = run_train(x, w, b, None, "silu", rm=rm, rv=rv)
+    _xg, wg, bg, _, y = run_train(x, w, b, None, "silu", rm=rm, rv=rv)
     y.backward(torch.ones_like(y))
     assert wg.grad.dtype == torch.float32 and y.dtype == torch.bfloat16
-    y_ref, dx_ref, dg_ref, db_ref, _, _ = reference_train(x, w, b, None, torch.ones_like(y), "silu")
+    y_ref, _dx_ref, dg_ref, db_ref, _, _ = reference_train(x, w, b, None, torch.ones_like(y), "silu")
     tol = REL_TOL[torch.bfloat16]
     assert_rel_close(y, y_ref, tol, "y")
     assert_rel_close(wg.grad, dg_ref, tol, "dgamma")
     assert_rel_close(bg.grad, db_ref, tol, "dbeta")
 
 
-@pytest.mark.parametrize("shape,layout", [((5, 3, 7, 9), "contiguous"), ((5, 3, 7, 9), "channels_last"), ((7, 5), "contiguous")])
+@pytest.mark.parametrize(
+    "shape,layout", [((5, 3, 7, 9), "contiguous"), ((5, 3, 7, 9), "channels_last"), ((7, 5), "contiguous")]
+)
 @pytest.mark.parametrize("act,res", [("relu", True), ("silu", False)])
 def test_eval(shape, layout, act, res):
     """Inference: y and the gradients with the running statistics held constant."""

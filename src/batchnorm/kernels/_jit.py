@@ -42,6 +42,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _tile(t, n_sblocks, c, C, S, BLOCK_S: tl.constexpr):
     """Indices of tile ``t``: batch index ``n`` (int64), spatial offsets ``s``, 2-D mask, element count."""
@@ -82,7 +83,7 @@ def _merge_partials(PCOUNT, PMEAN, PM2, c, C, n_split, BLOCK_C: tl.constexpr):
     cnt = tl.zeros([BLOCK_C], tl.float32)
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
-    for j in range(0, n_split):
+    for j in range(n_split):
         n_b = tl.load(PCOUNT + j * C + c, mask=cmask, other=0.0)
         mean_b = tl.load(PMEAN + j * C + c, mask=cmask, other=0.0)
         m2_b = tl.load(PM2 + j * C + c, mask=cmask, other=0.0)
@@ -187,7 +188,7 @@ def bn_apply_kernel(
     t_begin = j * tiles_per_prog
     t_end = tl.minimum(t_begin + tiles_per_prog, n_tiles)
     for t in range(t_begin, t_end):
-        n, s, mask, n_t = _tile(t, n_sblocks, c, C, S, BLOCK_S)
+        n, s, mask, _n_t = _tile(t, n_sblocks, c, C, S, BLOCK_S)
         x = tl.load(X + n * sxn + c64[:, None] * sxc + s[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
         z = ((x - k[:, None]) - d[:, None]) * scale[:, None] + beta[:, None]
         if HAS_RES:
@@ -233,7 +234,7 @@ def bn_bwd_reduce_kernel(
     t_begin = j * tiles_per_prog
     t_end = tl.minimum(t_begin + tiles_per_prog, n_tiles)
     for t in range(t_begin, t_end):
-        n, s, mask, n_t = _tile(t, n_sblocks, c, C, S, BLOCK_S)
+        n, s, mask, _n_t = _tile(t, n_sblocks, c, C, S, BLOCK_S)
         x = tl.load(X + n * sxn + c64[:, None] * sxc + s[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
         xhat = ((x - k[:, None]) - d[:, None]) * rstd[:, None]
         g = tl.load(DY + n * sdn + c64[:, None] * sdc + s[None, :] * sds, mask=mask, other=0.0).to(tl.float32)
@@ -274,7 +275,7 @@ def bn_bwd_dx_kernel(
     c64 = c.to(tl.int64)
     sum_g = tl.zeros([BLOCK_C], tl.float32)
     sum_gx = tl.zeros([BLOCK_C], tl.float32)
-    for i in range(0, n_split):
+    for i in range(n_split):
         sum_g += tl.load(PSUM_G + i * C + c, mask=cmask, other=0.0)
         sum_gx += tl.load(PSUM_GX + i * C + c, mask=cmask, other=0.0)
     if j == 0:
@@ -297,7 +298,7 @@ def bn_bwd_dx_kernel(
     t_begin = j * tiles_per_prog
     t_end = tl.minimum(t_begin + tiles_per_prog, n_tiles)
     for t in range(t_begin, t_end):
-        n, s, mask, n_t = _tile(t, n_sblocks, c, C, S, BLOCK_S)
+        n, s, mask, _n_t = _tile(t, n_sblocks, c, C, S, BLOCK_S)
         x = tl.load(X + n * sxn + c64[:, None] * sxc + s[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
         xhat = ((x - k[:, None]) - d[:, None]) * rstd[:, None]
         g = tl.load(DY + n * sdn + c64[:, None] * sdc + s[None, :] * sds, mask=mask, other=0.0).to(tl.float32)

@@ -39,7 +39,7 @@ def _(x, weight, bias, residual, eps, activation):
 
 
 def _train_setup(ctx, inputs, output):
-    x, weight, bias, residual, eps, activation = inputs
+    x, weight, bias, residual, _eps, activation = inputs
     _, _, rstd, shift, dmean = output
     keep_res = residual if (residual is not None and activation != "identity") else None
     ctx.save_for_backward(x, weight, bias, keep_res, shift, dmean, rstd)
