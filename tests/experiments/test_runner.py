@@ -109,8 +109,9 @@ def test_same_seed_same_numbers_other_seed_differs(tmp_path):
 
 
 def test_bad_data_dir_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
-    from batchnorm.experiments.data import write_idx
     import numpy as np
+
+    from batchnorm.experiments.data import write_idx
 
     data = tmp_path / "mnist"
     data.mkdir()
@@ -129,6 +130,7 @@ def test_bad_data_dir_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
 def test_runs_on_mnist_idx_files(tmp_path):
     """The MNIST path end to end on tiny 16x16 IDX files (the convnet needs sides divisible by 4)."""
     import numpy as np
+
     from batchnorm.experiments.data import write_idx
 
     rng = np.random.default_rng(0)

@@ -33,25 +33,25 @@ import os
 import struct
 import urllib.request
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = [
-    "Dataset",
-    "IDXError",
     "MNIST_FILES",
     "MNIST_MIRRORS",
-    "read_idx",
-    "write_idx",
-    "load_digits",
-    "load_mnist",
+    "Dataset",
+    "IDXError",
     "download_mnist",
     "load_dataset",
+    "load_digits",
+    "load_mnist",
+    "read_idx",
+    "write_idx",
 ]
 
 #: the fixed permutation seed used to split data sets that come without a split
@@ -116,7 +116,7 @@ class Dataset:
             h.update(t.numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def subset(self, n_train: int, n_test: int) -> "Dataset":
+    def subset(self, n_train: int, n_test: int) -> Dataset:
         """The first ``n_train`` / ``n_test`` examples (used by ``--fast``)."""
         return Dataset(self.name, self.train_x[:n_train], self.train_y[:n_train], self.test_x[:n_test],
                        self.test_y[:n_test], (self.note + "; " if self.note else "") + "subset for --fast",
@@ -193,7 +193,7 @@ def write_idx(path, array: np.ndarray) -> None:
     path.write_bytes(gzip.compress(payload, mtime=0) if path.suffix == ".gz" else payload)
 
 
-def _find(data_dir: Path, stem: str) -> Optional[Path]:
+def _find(data_dir: Path, stem: str) -> Path | None:
     for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):  # also the t10k-images.idx3-ubyte spelling
         if (data_dir / name).is_file():
             return data_dir / name

@@ -13,12 +13,12 @@ batch renorm, ghost batch norm and group norm for the small-batch experiment.
 from __future__ import annotations
 
 import importlib
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NORMS", "norm_layer", "norm_available", "MLP", "ConvNet", "scale_weights"]
+__all__ = ["MLP", "NORMS", "ConvNet", "norm_available", "norm_layer", "scale_weights"]
 
 #: normalization kinds a model accepts
 NORMS = ("none", "bn", "renorm", "ghost", "group")
@@ -54,7 +54,7 @@ def _norm_class(kind: str, dims: int):
         raise ImportError(f"normalization {kind!r} needs {module_name} (not in this build): {err}") from err
 
 
-def norm_layer(kind: str, channels: int, dims: int, *, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+def norm_layer(kind: str, channels: int, dims: int, *, eps: float = 1e-5, momentum: float | None = 0.1,
                ghost_batch: int = 16, groups: int = 4) -> nn.Module:
     """A normalization layer for ``channels`` features: ``dims=1`` for ``(N, C)``, ``2`` for ``(N, C, H, W)``.
 
@@ -103,8 +103,8 @@ class MLP(nn.Module):
     """
 
     def __init__(self, n_in: int, hidden: Sequence[int], n_out: int, norm: str = "none",
-                 activation: str = "sigmoid", init_std: Optional[float] = None, eps: float = 1e-5,
-                 momentum: Optional[float] = 0.1) -> None:
+                 activation: str = "sigmoid", init_std: float | None = None, eps: float = 1e-5,
+                 momentum: float | None = 0.1) -> None:
         super().__init__()
         widths = [n_in, *hidden]
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
@@ -146,7 +146,7 @@ class ConvNet(nn.Module):
 
     def __init__(self, image_shape: Sequence[int], n_out: int, norm: str = "none",
                  channels: Sequence[int] = (16, 32), fc: Sequence[int] = (128, 64),
-                 momentum: Optional[float] = 0.1, ghost_batch: int = 16) -> None:
+                 momentum: float | None = 0.1, ghost_batch: int = 16) -> None:
         super().__init__()
         c, h, w = image_shape
         layers: list[nn.Module] = []

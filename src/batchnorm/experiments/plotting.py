@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .report import atomic_write
 
-__all__ = ["pyplot", "save_figure", "ARM_STYLE"]
+__all__ = ["ARM_STYLE", "pyplot", "save_figure"]
 
 #: colours shared by every figure so "with BN" looks the same everywhere
 ARM_STYLE = {

@@ -19,11 +19,11 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
-__all__ = ["Section", "atomic_write", "write_json", "read_json", "write_csv", "write_report", "fmt"]
+__all__ = ["Section", "atomic_write", "fmt", "read_json", "write_csv", "write_json", "write_report"]
 
 
 def atomic_write(path, data: bytes) -> None:
@@ -92,7 +92,7 @@ class Section:
     elapsed_s: float = 0.0
     reused: bool = False
 
-    def prefixed(self, prefix: str) -> "Section":
+    def prefixed(self, prefix: str) -> Section:
         """The same section with figure paths under ``prefix/`` (for a combined report)."""
         return Section(self.name, self.title, self.claim, self.setup, self.headline, self.findings,
                        [(f"{prefix}/{p}", c) for p, c in self.figures], self.elapsed_s, self.reused)

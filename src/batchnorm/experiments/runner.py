@@ -25,7 +25,6 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -64,7 +63,7 @@ def _fingerprint(name: str, ctx: Context) -> dict:
             "data_name": ctx.data.name, "version": RESULTS_VERSION}
 
 
-def load_complete(out_dir, name: str, ctx: Context) -> Optional[dict]:
+def load_complete(out_dir, name: str, ctx: Context) -> dict | None:
     """The saved metrics if ``out_dir/metrics.json`` is complete for these settings, else ``None``."""
     path = Path(out_dir) / "metrics.json"
     try:

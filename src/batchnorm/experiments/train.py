@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from .data import Dataset
 
-__all__ = ["progress", "batch_indices", "evaluate", "train", "param_groups", "steps_to_reach"]
+__all__ = ["batch_indices", "evaluate", "param_groups", "progress", "steps_to_reach", "train"]
 
 
 def progress(total: int, desc: str, quiet: bool = False):
@@ -63,7 +63,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, train_mode: bool = False
         model.train(was_training)
 
 
-def param_groups(model: nn.Module, lr: float, scaled: Optional[dict] = None):
+def param_groups(model: nn.Module, lr: float, scaled: dict | None = None):
     """SGD parameter groups: ``scaled`` maps parameters to their own learning rate."""
     scaled = scaled or {}
     ids = {id(p) for p in scaled}
@@ -82,10 +82,10 @@ def train(
     seed: int,
     eval_every: int,
     momentum: float = 0.0,
-    on_eval: Optional[Callable[[nn.Module, int], dict]] = None,
+    on_eval: Callable[[nn.Module, int], dict] | None = None,
     desc: str = "train",
     quiet: bool = False,
-    optimizer: Optional[torch.optim.Optimizer] = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> dict:
     """Train ``model`` with SGD and cross-entropy for ``steps`` steps; return its history.
 
@@ -133,7 +133,7 @@ def train(
     return hist
 
 
-def steps_to_reach(steps, accs, threshold: float) -> Optional[int]:
+def steps_to_reach(steps, accs, threshold: float) -> int | None:
     """First recorded step whose test accuracy is ``>= threshold``, or ``None`` if never."""
     for s, a in zip(steps, accs):
         if a >= threshold:
