@@ -2,6 +2,7 @@
 
 from ._base import NormBase
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .fused import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze, unfreeze
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from .groupnorm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm
@@ -10,6 +11,7 @@ from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, RenormSchedule
 __all__ = [
     "NormBase",
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+    "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
     "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "RenormSchedule",
     "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze", "unfreeze",
