@@ -36,8 +36,10 @@ def check_train_step(x, weight, bias, rm, rv, nbt, momentum, eps=1e-5, dtype_tol
     # dx is a cancellation of terms of size |gamma * rstd * dy|: errors are relative to those
     dx_scale = float(np.linalg.norm(_np(dy) * (_np(weight) * cache.rstd.ravel()).reshape(R.param_shape(x.dim()))))
     assert_rel_close(xr.grad, dx_ref, dtype_tol, "dx", scale=dx_scale)
-    assert_rel_close(w.grad, dg_ref, dtype_tol, "dgamma")
-    assert_rel_close(b.grad, db_ref, dtype_tol, "dbeta")
+    # dgamma = sum(dy * xhat), dbeta = sum(dy): reductions whose rounding is relative to
+    # their terms (|xhat| ~ 1), not to a result that may nearly cancel
+    assert_rel_close(w.grad, dg_ref, dtype_tol, "dgamma", scale=float(dy.double().norm()))
+    assert_rel_close(b.grad, db_ref, dtype_tol, "dbeta", scale=float(dy.double().norm()))
     rm_ref, rv_ref = R.running_update(rm_before, rv_before, cache.moments, momentum, steps_before + 1)
     assert_rel_close(rm, rm_ref, dtype_tol, "running_mean")
     assert_rel_close(rv, rv_ref, dtype_tol, "running_var")
@@ -79,7 +81,7 @@ def test_train_eval_sequence_against_reference(shape, momentum):
         check_eval_step(torch.randn(shape), weight, bias, rm, rv)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(2, 9),
     c=st.integers(1, 6),
@@ -90,8 +92,9 @@ def test_train_eval_sequence_against_reference(shape, momentum):
     offset=st.floats(-1e3, 1e3),
 )
 def test_hypothesis_shapes(n, c, spatial, channels_last, momentum, scale, offset):
+    torch.manual_seed(n * 31 + c)  # dy is drawn from the global generator
     shape = (n, c, *spatial)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(n * 31 + c)) * scale + offset
+    x = torch.randn(shape) * scale + offset
     if channels_last and len(shape) in (4, 5):
         x = x.to(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
     weight, bias, rm, rv, nbt = _state(c)
@@ -248,3 +251,26 @@ def test_momentum_none_needs_a_counter():
 def test_eval_without_running_stats_is_an_error():
     with pytest.raises(ValueError, match="needs running_mean"):
         BF.batch_norm(torch.randn(4, 3), None, None, training=False)
+
+
+def test_eval_precision_decision_follows_buffer_changes():
+    """The off-centre decision for running statistics is cached; every way of changing them invalidates it."""
+    torch.manual_seed(2)
+    bn_x = torch.randn(16, 3, 4, 4)
+    weight, bias, rm, rv, _ = _state(3)
+    BF.batch_norm(bn_x, rm, rv, weight, bias, False)  # decides "not off-centre" and caches it
+    x = (bn_x.double() + 1e6).float()
+    for change in (lambda: rm.fill_(1e6), lambda: rm.copy_(torch.full((3,), 1e6))):
+        rm.zero_()
+        BF.batch_norm(bn_x, rm, rv, weight, bias, False)
+        change()
+        y_ref = R.batch_norm_eval(_np(x), _np(rm), _np(rv), _np(weight), _np(bias))
+        assert_rel_close(BF.batch_norm(x, rm, rv, weight, bias, False), y_ref, F32, "eval after buffer change")
+    # a module whose buffers are replaced by load_state_dict
+    from batchnorm import BatchNorm2d
+
+    bn = BatchNorm2d(3).eval()
+    bn(bn_x)
+    bn.load_state_dict({**bn.state_dict(), "running_mean": torch.full((3,), 1e6)})
+    y_ref = R.batch_norm_eval(_np(x), _np(bn.running_mean), _np(bn.running_var), np.ones(3), np.zeros(3))
+    assert_rel_close(bn(x), y_ref, F32, "eval after load_state_dict")

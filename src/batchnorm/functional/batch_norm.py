@@ -127,6 +127,11 @@ def batch_norm(
     impl = _backend_impl(resolve_backend(backend, input))
 
     if training:
+        if impl is _Aten and not check_finite and _core.can_update_in_kernel(input, running_mean):
+            y = _core.train_and_update_in_kernel(
+                input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, count
+            )
+            return _Aten._epilogue(y, residual, activation)
         y, mean, rstd = impl.train_forward(input, weight, bias, eps, residual, activation)
         if check_finite:
             _core.check_finite_stats(mean, rstd, what=what)
