@@ -161,3 +161,25 @@ def test_rejected_calls_change_nothing():
     assert_unchanged(m, snap)
     with pytest.raises(ValueError, match="track_running_stats must be True"):
         BatchRenorm2d(3, track_running_stats=False)
+
+
+def test_off_centre_batch_takes_the_general_path_and_stays_exact():
+    """|mean| >> std: the inference-kernel fast path would cancel, so the training kernel with the
+    corrected affine is used; both paths must agree with the reference."""
+    from batchnorm.functional import _core
+
+    m = _module(BatchRenorm2d, 3, 3.0, 5.0)
+    with torch.no_grad():
+        m.running_mean.fill_(1e4)
+    x = (data((4, 3, 3, 3), seed=11).double() + 1e4).float().requires_grad_(True)
+    mean_b, var_b = _core.batch_moments(x)
+    assert not _core.can_normalize_with_batch_stats(x, m.weight, mean_b, var_b, m.eps)
+    rm0, rv0, w0, b0 = (np64(t) for t in (m.running_mean, m.running_var, m.weight, m.bias))
+    y = m(x)
+    dy = data((4, 3, 3, 3), seed=12)
+    y.backward(dy)
+    y_ref, cache, r, d = R.batch_renorm_train(np64(x), rm0, rv0, w0, b0, 1e-5, 3.0, 5.0)
+    dx_ref, dg_ref, _ = R.batch_renorm_backward(np64(dy), cache, r, d)
+    assert_rel_close(y, y_ref, F32, "y")
+    assert_rel_close(x.grad, dx_ref, F32, "dx", scale=dx_scale(dy, w0 * r.ravel(), cache.rstd))
+    assert_rel_close(m.weight.grad, dg_ref, F32, "dgamma", scale=float(np.linalg.norm(np64(dy))))

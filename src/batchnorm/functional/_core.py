@@ -389,3 +389,52 @@ def merge_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, T
     mean = (w.unsqueeze(1) * means).sum(0)
     m2 = (m2s * (counts > 0).unsqueeze(1)).sum(0) + (counts.unsqueeze(1) * (means - mean).square()).sum(0)
     return n, mean, m2
+
+
+# --- normalization with statistics computed beforehand (batch renorm's fast path) --------------
+
+
+class _NormalizeWithBatchStats(torch.autograd.Function):
+    """``y = weight * (x - mean) * rstd + bias`` where ``mean``/``var`` are ``x``'s own batch
+    statistics, computed beforehand: forward through the native *inference* kernel (one
+    read, one write), backward through the native *training* backward, so gradients flow
+    through the statistics exactly as in training-mode batch norm."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, eps):
+        y = torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
+        ctx.eps, ctx.has_bias = eps, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], weight is not None and need[1], ctx.has_bias and need[2]]
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(dy, x, weight, None, None, mean, rstd, True, ctx.eps, mask)
+        return dx, dw if mask[1] else None, db if mask[2] else None, None, None, None
+
+
+def can_normalize_with_batch_stats(x: Tensor, weight: Optional[Tensor], mean: Tensor, var: Tensor, eps: float) -> bool:
+    """Whether :func:`normalize_with_batch_stats` is exact here: eager mode, float32/float64
+    input with parameters of its dtype, and no off-centre channel (whose inference form
+    ``x * scale + shift`` would cancel)."""
+    return (
+        x.dtype in (torch.float32, torch.float64)
+        and (weight is None or weight.dtype == x.dtype)
+        and mean.dtype == x.dtype
+        and not torch.compiler.is_compiling()
+        and not _off_center(mean, var=var, eps=eps)
+    )
+
+
+def normalize_with_batch_stats(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor,
+                               eps: float) -> Tensor:  # fmt: skip
+    """Training-mode batch norm of ``x`` given its batch ``mean``/biased ``var`` (shape ``(C,)``).
+
+    Same result and gradients as :func:`batch_moments_and_normalize` (check
+    :func:`can_normalize_with_batch_stats` first) without recomputing the statistics:
+    for layers that need them before normalizing, like batch renorm.
+    """
+    return _NormalizeWithBatchStats.apply(x, weight, bias, mean.detach(), var.detach(), eps)

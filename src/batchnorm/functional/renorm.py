@@ -17,10 +17,14 @@ backward (``stop_gradient`` in the paper). Because they are per-channel constant
 .. math::
     \gamma' = \gamma\, r,\qquad \beta' = \gamma\, d + \beta
 
-so the whole layer is one call of the batch-norm kernel (and its backward) with this
-corrected affine; autograd carries ``d gamma = r * d gamma' + d * d beta'``. The only
-extra work is one statistics pass (:func:`batchnorm.functional._core.batch_moments`)
-to get ``r`` and ``d`` before the kernel runs. With ``r_max = 1, d_max = 0`` we get
+so the layer is batch norm with this corrected affine; autograd carries
+``d gamma = r * d gamma' + d * d beta'``. The statistics are computed first, in one pass
+(:func:`batchnorm.functional._core.batch_moments`), to get ``r`` and ``d``; the
+normalization then runs through the native *inference* kernel with those statistics
+and the native *training* backward (:func:`batchnorm.functional._core.normalize_with_batch_stats`),
+so the layer moves as many bytes as plain batch norm. Off-centre batches (and
+float16/bfloat16 or compiled code) take the general path: the training kernel with the
+corrected affine, which recomputes the statistics. With ``r_max = 1, d_max = 0`` we get
 ``r = 1, d = 0`` and batch renorm *is* batch norm, bit for bit.
 """
 
@@ -166,8 +170,10 @@ def batch_renorm(
             f"for batch statistics only use batchnorm.functional.batch_norm"
         )
     _core.check_momentum(momentum)
-    if not training:
-        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,
+    if not training or (r_max == 1 and d_max == 0):
+        # inference, or r = 1 and d = 0 identically (e.g. the schedule's warm-up): batch norm itself
+        return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                          num_batches_tracked=num_batches_tracked if training else None,
                           check_finite=check_finite, backend=backend)  # fmt: skip
     mean_b, var_b = _core.batch_moments(input)
     work = mean_b.dtype
@@ -178,6 +184,14 @@ def batch_renorm(
     gamma = torch.ones_like(r) if weight is None else weight.to(work)
     new_weight = gamma * r
     new_bias = gamma * d if bias is None else gamma * d + bias.to(work)
+    if backend != "triton" and _core.can_normalize_with_batch_stats(input, new_weight, mean_b, var_b, eps):
+        # the statistics are known already: normalize without a second statistics pass
+        if check_finite:
+            _core.check_finite_stats(mean_b, var_b, what=what)
+        y = _core.normalize_with_batch_stats(input, new_weight, new_bias, mean_b, var_b, eps)
+        count = input.numel() // input.shape[1]
+        _core.update_running_stats(running_mean, running_var, num_batches_tracked, mean_b, var_b, count, momentum)
+        return y
     # work is the statistics dtype: the parameters' own dtype, or float32 for half inputs
     return batch_norm(input, running_mean, running_var, new_weight, new_bias, True, momentum, eps,
                       num_batches_tracked=num_batches_tracked, check_finite=check_finite, backend=backend)  # fmt: skip
