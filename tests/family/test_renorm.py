@@ -165,10 +165,11 @@ def test_rejected_calls_change_nothing():
 
 def test_off_centre_batch_takes_the_general_path_and_stays_exact():
     """|mean| >> std: the inference-kernel fast path would cancel, so the training kernel with the
-    corrected affine is used; both paths must agree with the reference."""
+    corrected affine is used and must agree with the reference. d_max=0: d = (mu_B - mu)/sigma
+    itself is a float32 cancellation near 1e4 (error ~ ulp(mu)/sigma, see docs/family.md)."""
     from batchnorm.functional import _core
 
-    m = _module(BatchRenorm2d, 3, 3.0, 5.0)
+    m = _module(BatchRenorm2d, 3, 3.0, 0.0)
     with torch.no_grad():
         m.running_mean.fill_(1e4)
     x = (data((4, 3, 3, 3), seed=11).double() + 1e4).float().requires_grad_(True)
@@ -178,7 +179,7 @@ def test_off_centre_batch_takes_the_general_path_and_stays_exact():
     y = m(x)
     dy = data((4, 3, 3, 3), seed=12)
     y.backward(dy)
-    y_ref, cache, r, d = R.batch_renorm_train(np64(x), rm0, rv0, w0, b0, 1e-5, 3.0, 5.0)
+    y_ref, cache, r, d = R.batch_renorm_train(np64(x), rm0, rv0, w0, b0, 1e-5, 3.0, 0.0)
     dx_ref, dg_ref, _ = R.batch_renorm_backward(np64(dy), cache, r, d)
     assert_rel_close(y, y_ref, F32, "y")
     assert_rel_close(x.grad, dx_ref, F32, "dx", scale=dx_scale(dy, w0 * r.ravel(), cache.rstd))
