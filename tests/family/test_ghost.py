@@ -128,3 +128,32 @@ def test_bad_input_rejected_and_nothing_changes():
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
     m.eval()  # eval does not chunk: a batch smaller than the virtual batch is fine
     assert m(data((1, 3), 0)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])  # 1e4: an off-centre chunk falls back to the re-centring core
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_functional_without_affine_against_reference(offset, channels_last):
+    """weight=bias=None through the in-place virtual-batch path (and its fallback): y, dx, running stats."""
+    shape, vb = (7, 3, 2, 3), 3  # chunks 3, 3, 1
+    x = (data(shape, seed=21).double() * 2 + offset).float()
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    rm, rv, nbt = torch.full((3,), offset), torch.ones(3), torch.tensor(0)
+    rm0, rv0 = np64(rm), np64(rv)
+    y = ghost_batch_norm(x, rm, rv, training=True, momentum=0.5, virtual_batch_size=vb, num_batches_tracked=nbt)
+    dy = data(shape, seed=22)
+    y.backward(dy)
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    xs, dys = np64(x).copy(), np64(dy)
+    for lo in range(0, shape[0], vb):
+        y_ref, cache = R.batch_norm_train(xs[lo:lo + vb])
+        dx_ref, _, _ = R.batch_norm_backward(dys[lo:lo + vb], cache)
+        assert_rel_close(y[lo:lo + vb], y_ref, F32, f"y chunk at {lo}")
+        assert_rel_close(x.grad[lo:lo + vb], dx_ref, F32, f"dx chunk at {lo}",
+                         scale=float(np.linalg.norm(dys[lo:lo + vb] * cache.rstd)))  # fmt: skip
+    rm_ref, rv_ref = R.running_update(rm0, rv0, R.moments(xs, (0, 2, 3)), 0.5, 1)
+    assert_rel_close(rm, rm_ref, F32, "running_mean")
+    assert_rel_close(rv, rv_ref, F32, "running_var")
+    assert int(nbt) == 1

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from . import _core
-from .batch_norm import _backend_impl, batch_norm, resolve_backend
+from .batch_norm import _Aten, _backend_impl, batch_norm, resolve_backend
 
 __all__ = ["ghost_batch_norm", "check_virtual_batch_size"]
 
@@ -105,22 +105,80 @@ def ghost_batch_norm(
         raise ValueError(f"{what}: momentum=None (cumulative average) needs num_batches_tracked")
     impl = _backend_impl(resolve_backend(backend, input))
 
-    ys, means, m2s, counts = [], [], [], []
-    for chunk in input.split(virtual_batch_size, dim=0):
-        y, mean, rstd = impl.train_forward(chunk, weight, bias, eps, None, None)
-        k = chunk.numel() // chunk.shape[1]
-        ys.append(y)
-        means.append(mean)
-        m2s.append(_core.var_from_rstd(rstd, eps) * k)
-        counts.append(k)
-    y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=0)
+    counts = [chunk.numel() // chunk.shape[1] for chunk in input.split(virtual_batch_size, dim=0)]
+    y = None
+    if impl is _Aten and _can_normalize_in_place(input, weight):
+        y, means, rstds = _GhostNormalize.apply(input, weight, bias, virtual_batch_size, eps)
+        if _core._off_center(means.reshape(-1), rstds.reshape(-1)):
+            y = None  # an off-centre chunk: redo through the re-centring core below
+    if y is None:
+        ys, means, rstds = [], [], []
+        for chunk in input.split(virtual_batch_size, dim=0):
+            yc, mean, rstd = impl.train_forward(chunk, weight, bias, eps, None, None)
+            ys.append(yc)
+            means.append(mean)
+            rstds.append(rstd)
+        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=0)
+        means, rstds = torch.stack(means), torch.stack(rstds)
     if check_finite or running_mean is not None:
-        total, mean, m2 = _core.merge_moments(
-            torch.tensor(counts, device=input.device), torch.stack(means), torch.stack(m2s)
-        )
-        var = m2 / count
+        if _core._off_center(means.reshape(-1), rstds.reshape(-1)):
+            # float32 chunk means near a large offset carry ulp(mean) errors that the merge's
+            # between-chunk term would amplify: take the whole batch's re-centred moments
+            mean, var = _core.batch_moments(input)
+        else:
+            k = torch.tensor(counts, device=input.device)
+            m2s = _core.var_from_rstd(rstds, eps) * k.unsqueeze(1).to(rstds.dtype)
+            _, mean, m2 = _core.merge_moments(k, means, m2s)
+            var = m2 / count
         if check_finite:
             _core.check_finite_stats(mean, var, what=what)
         if running_mean is not None:
             _core.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
     return y
+
+
+def _can_normalize_in_place(x: Tensor, weight: Optional[Tensor]) -> bool:
+    """Eager float32/float64 with parameters of the input's dtype: :class:`_GhostNormalize` applies."""
+    return (
+        x.dtype in (torch.float32, torch.float64)
+        and (weight is None or weight.dtype == x.dtype)
+        and not torch.compiler.is_compiling()
+    )
+
+
+class _GhostNormalize(torch.autograd.Function):
+    """Batch norm of each virtual batch (consecutive ``v`` samples) written into one output.
+
+    Forward and backward call the native kernels once per virtual batch with ``out=``
+    slices of a single buffer (the chunks are contiguous along ``N`` in both contiguous
+    and channels_last layouts), so no ``torch.cat`` copies the output or the gradient.
+    Returns ``(y, mean, rstd)`` with per-chunk statistics of shape ``(K, C)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, v, eps):
+        k = -(-x.shape[0] // v)
+        y = torch.empty_like(x)
+        mean = x.new_empty((k, x.shape[1]))
+        rstd = x.new_empty((k, x.shape[1]))
+        for i, (xc, yc) in enumerate(zip(x.split(v), y.split(v))):
+            torch.native_batch_norm(xc, weight, bias, None, None, True, 0.0, eps, out=(yc, mean[i], rstd[i]))
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.v, ctx.eps, ctx.has_bias = v, eps, bias is not None
+        ctx.mark_non_differentiable(mean, rstd)
+        return y, mean, rstd
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _drstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        # all three outputs always: dx needs sum(dy) and sum(dy * xhat) anyway, and the
+        # out= overload does not accept masked-off outputs
+        dx, dws, dbs = torch.empty_like(x), mean.new_empty(mean.shape), mean.new_empty(mean.shape)
+        for i, (dyc, xc, dxc) in enumerate(zip(dy.split(ctx.v), x.split(ctx.v), dx.split(ctx.v))):
+            torch.ops.aten.native_batch_norm_backward.out(
+                dyc, xc, weight, None, None, mean[i], rstd[i], True, ctx.eps, [True, True, True],
+                out0=dxc, out1=dws[i], out2=dbs[i],
+            )  # fmt: skip
+        mask = [need[0], weight is not None and need[1], ctx.has_bias and need[2]]
+        return dx if mask[0] else None, dws.sum(0) if mask[1] else None, dbs.sum(0) if mask[2] else None, None, None
