@@ -8,11 +8,15 @@
 - :mod:`batchnorm.experiments` - ``batchnorm reproduce``.
 """
 
-from . import functional, reference
+from . import functional, reference, tools
 from .distributed import SyncBatchNorm, convert_sync_batchnorm
 from .nn import *  # noqa: F401,F403
 from .nn import __all__ as _nn_all
+from .tools import convert, diagnose, fold_batchnorm, recalibrate
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "reference", "SyncBatchNorm", "convert_sync_batchnorm", "__version__", *_nn_all]
+__all__ = [
+    "functional", "reference", "tools", "SyncBatchNorm", "convert_sync_batchnorm",
+    "fold_batchnorm", "recalibrate", "diagnose", "convert", "__version__", *_nn_all,
+]  # fmt: skip
