@@ -45,13 +45,18 @@ import triton.language as tl
 
 @triton.jit
 def _tile(t, n_sblocks, c, C, S, BLOCK_S: tl.constexpr):
-    """Indices of tile ``t``: batch index ``n`` (int64), spatial offsets ``s``, 2-D mask, element count."""
+    """Indices of tile ``t``: batch index ``n`` (int64), spatial offsets ``s`` (int64), 2-D mask, element count.
+
+    ``s`` is formed in int64 *before* the multiply: with merged rows ``S' = N * S`` can pass
+    2**31 (e.g. channels_last with few channels), where ``sb * BLOCK_S`` in int32 would wrap.
+    """
     n = t // n_sblocks
-    sb = t - n * n_sblocks
-    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+    sb = (t - n * n_sblocks).to(tl.int64)
+    s0 = sb * BLOCK_S
+    s = s0 + tl.arange(0, BLOCK_S)
     mask = (c[:, None] < C) & (s[None, :] < S)
-    n_t = tl.minimum(S - sb * BLOCK_S, BLOCK_S).to(tl.float32)
-    return n.to(tl.int64), s.to(tl.int64), mask, n_t
+    n_t = tl.minimum(S - s0, BLOCK_S).to(tl.float32)
+    return n.to(tl.int64), s, mask, n_t
 
 
 @triton.jit

@@ -19,6 +19,7 @@ Functions here take and return plain tensors; autograd lives in :mod:`.ops`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ MAX_BLOCK_C_INNER = 64
 #: programs per SM to aim for on a GPU; total programs on the CPU interpreter
 PROGRAMS_PER_SM = 4
 CPU_PROGRAMS = 4
+#: CUDA limit on grid dimensions y and z (the split runs along grid axis 1)
+MAX_GRID_Y = 65535
 
 
 def _next_pow2(n: int) -> int:
@@ -54,6 +57,18 @@ def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return CPU_PROGRAMS
+
+
+def _device_guard(t: Tensor):
+    """Triton launches on the *current* CUDA device: make it ``t``'s (inputs on ``cuda:1``
+    while ``cuda:0`` is current would otherwise be launched on the wrong GPU)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _vec(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """A ``(C,)`` tensor as the kernels index it (``ptr + c``, unit stride); ``like`` as a
+    never-read placeholder when ``t`` is None."""
+    return like if t is None else t.contiguous()
 
 
 def spatial_flattenable(t: Tensor) -> bool:
@@ -132,6 +147,7 @@ def make_plan(x3: Tensor, others: Sequence[Optional[Tensor]] = (), *, tile: Opti
     if merged:
         n, s = 1, n * s
     tile = tile or TILE_ELEMENTS["cuda" if x3.is_cuda else "cpu"]
+    tile = 1 << (int(tile).bit_length() - 1)  # tl.arange needs power-of-two block sizes
     channels_inner = _strides(x3)[1] == 1 and c > 1
     if channels_inner:
         block_c = min(_next_pow2(c), MAX_BLOCK_C_INNER, tile)
@@ -143,7 +159,7 @@ def make_plan(x3: Tensor, others: Sequence[Optional[Tensor]] = (), *, tile: Opti
     n_tiles = n * n_sblocks
     n_cblocks = triton_cdiv(c, block_c)
     programs = programs or _target_programs(x3.device)
-    n_split = max(1, min(n_tiles, triton_cdiv(programs, n_cblocks)))
+    n_split = max(1, min(n_tiles, triton_cdiv(programs, n_cblocks), MAX_GRID_Y))
     tiles_per_prog = triton_cdiv(n_tiles, n_split)
     n_split = triton_cdiv(n_tiles, tiles_per_prog)
     elems = block_c * block_s
@@ -184,17 +200,18 @@ def train_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r
     r3 = view3(residual) if residual is not None else None
     p = make_plan(x3, [y3, r3], **plan_kw)
     part = _stat(x, 3 * p.n_split).view(3, p.n_split, p.c)
-    _jit.bn_stats_partial_kernel[p.grid](
-        *p.args(x3, x), part[0], part[1], part[2], p.c, p.s, **_tiling(p))
-    _jit.bn_apply_kernel[p.grid](
-        *p.args(x3, x), *p.args(y3, x), *p.args(r3, x),
-        weight if weight is not None else x, bias if bias is not None else x,
-        part[0], part[1], part[2], p.n_split,
-        x, x,  # running statistics: unused in training
-        mean, rstd, shift, dmean,
-        p.c, p.s, float(eps),
-        TRAINING=True, ACT=ACT_CODES[activation], HAS_RES=r3 is not None,
-        HAS_W=weight is not None, HAS_B=bias is not None, **_tiling(p))
+    with _device_guard(x):
+        _jit.bn_stats_partial_kernel[p.grid](
+            *p.args(x3, x), part[0], part[1], part[2], p.c, p.s, **_tiling(p))
+        _jit.bn_apply_kernel[p.grid](
+            *p.args(x3, x), *p.args(y3, x), *p.args(r3, x),
+            _vec(weight, x), _vec(bias, x),
+            part[0], part[1], part[2], p.n_split,
+            x, x,  # running statistics: unused in training
+            mean, rstd, shift, dmean,
+            p.c, p.s, float(eps),
+            TRAINING=True, ACT=ACT_CODES[activation], HAS_RES=r3 is not None,
+            HAS_W=weight is not None, HAS_B=bias is not None, **_tiling(p))
     return y, mean, rstd, shift, dmean
 
 
@@ -206,15 +223,16 @@ def infer_forward(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: 
     x3, y3 = view3(x), view3(y)
     r3 = view3(residual) if residual is not None else None
     p = make_plan(x3, [y3, r3], **plan_kw)
-    _jit.bn_apply_kernel[p.grid](
-        *p.args(x3, x), *p.args(y3, x), *p.args(r3, x),
-        weight if weight is not None else x, bias if bias is not None else x,
-        x, x, x, 1,  # partials: unused in inference
-        running_mean, running_var,
-        x, x, x, x,  # statistics out: unused in inference
-        p.c, p.s, float(eps),
-        TRAINING=False, ACT=ACT_CODES[activation], HAS_RES=r3 is not None,
-        HAS_W=weight is not None, HAS_B=bias is not None, **_tiling(p))
+    with _device_guard(x):
+        _jit.bn_apply_kernel[p.grid](
+            *p.args(x3, x), *p.args(y3, x), *p.args(r3, x),
+            _vec(weight, x), _vec(bias, x),
+            x, x, x, 1,  # partials: unused in inference
+            running_mean.contiguous(), running_var.contiguous(),
+            x, x, x, x,  # statistics out: unused in inference
+            p.c, p.s, float(eps),
+            TRAINING=False, ACT=ACT_CODES[activation], HAS_RES=r3 is not None,
+            HAS_W=weight is not None, HAS_B=bias is not None, **_tiling(p))
     return y
 
 
@@ -238,18 +256,19 @@ def backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     p = make_plan(x3, [dy3, dx3, r3, g3], **plan_kw)
     sums = _stat(x, 2 * p.n_split).view(2, p.n_split, p.c)
     dgamma, dbeta = _stat(x), _stat(x)
-    w = weight if weight is not None else x
-    b = bias if bias is not None else x
-    _jit.bn_bwd_reduce_kernel[p.grid](
-        *p.args(dy3, x), *p.args(x3, x), *p.args(r3, x), *p.args(g3, x),
-        w, b, shift, dmean, rstd, sums[0], sums[1], p.c, p.s,
-        ACT=act, HAS_RES=r3 is not None, WRITE_G=write_g,
-        HAS_W=weight is not None, HAS_B=bias is not None, **_tiling(p))
+    w, b = _vec(weight, x), _vec(bias, x)
+    shift, dmean, rstd = shift.contiguous(), dmean.contiguous(), rstd.contiguous()
     # pass 2 reads g itself where pass 1 wrote it, otherwise recomputes it from dy and x
     src3, act2 = (g3, 0) if write_g else (dy3, act)
-    _jit.bn_bwd_dx_kernel[p.grid](
-        *p.args(src3, x), *p.args(x3, x), *p.args(dx3, x),
-        w, b, shift, dmean, rstd, sums[0], sums[1], p.n_split, dgamma, dbeta,
-        p.c, p.s, float(x.numel() // max(p.c, 1)),
-        TRAINING=training, ACT=act2, HAS_W=weight is not None, HAS_B=bias is not None, **_tiling(p))
+    with _device_guard(x):
+        _jit.bn_bwd_reduce_kernel[p.grid](
+            *p.args(dy3, x), *p.args(x3, x), *p.args(r3, x), *p.args(g3, x),
+            w, b, shift, dmean, rstd, sums[0], sums[1], p.c, p.s,
+            ACT=act, HAS_RES=r3 is not None, WRITE_G=write_g,
+            HAS_W=weight is not None, HAS_B=bias is not None, **_tiling(p))
+        _jit.bn_bwd_dx_kernel[p.grid](
+            *p.args(src3, x), *p.args(x3, x), *p.args(dx3, x),
+            w, b, shift, dmean, rstd, sums[0], sums[1], p.n_split, dgamma, dbeta,
+            p.c, p.s, float(x.numel() // max(p.c, 1)),
+            TRAINING=training, ACT=act2, HAS_W=weight is not None, HAS_B=bias is not None, **_tiling(p))
     return dx, dgamma, dbeta, dres
