@@ -18,5 +18,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "functional", "reference", "tools", "SyncBatchNorm", "convert_sync_batchnorm",
-    "fold_batchnorm", "recalibrate", "diagnose", "convert", "__version__", *_nn_all,
+    "fold_batchnorm", "recalibrate", "diagnose", "convert", "__version__",
 ]  # fmt: skip
+__all__ += _nn_all

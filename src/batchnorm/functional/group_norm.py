@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
