@@ -20,4 +20,4 @@ __all__ = [
     "functional", "reference", "tools", "SyncBatchNorm", "convert_sync_batchnorm",
     "fold_batchnorm", "recalibrate", "diagnose", "convert", "__version__",
 ]  # fmt: skip
-__all__ += _nn_all
+__all__.extend(_nn_all)
