@@ -157,3 +157,20 @@ def test_functional_without_affine_against_reference(offset, channels_last):
     assert_rel_close(rm, rm_ref, F32, "running_mean")
     assert_rel_close(rv, rv_ref, F32, "running_var")
     assert int(nbt) == 1
+
+
+def test_permuted_input_with_batch_dim_inner():
+    # a dense view whose N stride is not the largest: empty_like keeps the layout, so the
+    # N-slices of the output are strided and the out= fast path must not be used
+    base = torch.randn(4, 10, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x = base.permute(1, 2, 0, 3).requires_grad_(True)  # (10, 3, 4, 5)
+    w = torch.rand(3, dtype=torch.float64) + 0.5
+    b = torch.randn(3, dtype=torch.float64)
+    dy = torch.randn(10, 3, 4, 5, dtype=torch.float64)
+    y = ghost_batch_norm(x, None, None, w, b, True, virtual_batch_size=4)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    for lo in range(0, 10, 4):
+        yc, cache = R.batch_norm_train(np64(x[lo : lo + 4]), np64(w), np64(b))
+        assert_rel_close(y[lo : lo + 4], yc, REL_TOL[torch.float64], "y")
+        dxc, _, _ = R.batch_norm_backward(np64(dy[lo : lo + 4]), cache)
+        assert_rel_close(dx[lo : lo + 4], dxc, REL_TOL[torch.float64], "dx")

@@ -143,7 +143,21 @@ def _can_normalize_in_place(x: Tensor, weight: Optional[Tensor]) -> bool:
         x.dtype in (torch.float32, torch.float64)
         and (weight is None or weight.dtype == x.dtype)
         and not torch.compiler.is_compiling()
+        and _chunks_are_contiguous(x)
     )
+
+
+def _chunks_are_contiguous(x: Tensor) -> bool:
+    """Contiguous or channels_last ``x``: ``empty_like(x)`` then has ``N`` outermost, so its
+    slices along ``N`` are contiguous blocks the ``out=`` kernels can write. Other layouts
+    (e.g. a permuted view with ``N`` inner) would get a strided ``out=`` and wrong values."""
+    if x.is_contiguous():
+        return True
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return x.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
 
 
 class _GhostNormalize(torch.autograd.Function):
