@@ -211,3 +211,16 @@ def test_compiles_fullgraph_with_inductor(momentum):
     ours.eval(), theirs.eval()
     x = torch.randn(3, 4, 5, 5, generator=gen)
     assert_rel_close(compiled(x), theirs(x), REL_TOL_VS_TORCH[torch.float32] * 5, "compiled eval")
+
+
+def test_eval_under_inference_mode():
+    # buffers created under torch.inference_mode are inference tensors without a version
+    # counter: the cached off-centre decision must not read it
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * 0.1 + 1000
+    with torch.inference_mode():
+        bn = batchnorm.BatchNorm2d(3).eval()
+        bn.running_mean.fill_(1000.0)
+        bn.running_var.fill_(0.01)
+        y = bn(x)
+    expected = R.batch_norm_eval(x.double().numpy(), np.full(3, 1000.0), np.full(3, 0.01))
+    assert_rel_close(y, expected, REL_TOL[torch.float32], "y")

@@ -178,6 +178,9 @@ def _running_stats_off_center(running_mean: Tensor, running_var: Tensor, eps: fl
     the buffers' version counters (bumped by every in-place write) and data pointers,
     stored on the ``running_mean`` tensor itself.
     """
+    if running_mean.is_inference() or running_var.is_inference():
+        # inference tensors have no version counter (reading it raises), so nothing can be cached
+        return _off_center(running_mean, var=running_var, eps=eps)
     key = (running_mean._version, running_var._version, running_mean.data_ptr(), running_var.data_ptr(), eps)
     hit = getattr(running_mean, "_batchnorm_off_center", None)
     if hit is not None and hit[0] == key:
