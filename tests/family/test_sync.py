@@ -161,3 +161,19 @@ def test_convert_sync_batchnorm_keeps_state_and_parameters():
         assert torch.equal(v, before[k]), k
     assert torch.equal(net[:3](x), y0)
     assert type(convert_sync_batchnorm(nn.BatchNorm3d(2))) is SyncBatchNorm
+
+
+def test_eval_without_running_stats_does_not_synchronize(monkeypatch):
+    # torch.nn.SyncBatchNorm syncs in training only: a rank that evaluates alone (validation
+    # on rank 0) with track_running_stats=False must use its local batch, not wait for the others
+    import batchnorm.distributed.sync_batchnorm as S
+
+    def no_collective(*args, **kwargs):
+        raise AssertionError("eval mode must not start a collective")
+
+    monkeypatch.setattr(S, "world_size", lambda process_group=None: 2)
+    monkeypatch.setattr(S, "sync_batch_norm", no_collective)
+    sb = SyncBatchNorm(3, track_running_stats=False).eval()
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    y_ref, _ = R.batch_norm_train(x.numpy())
+    assert_rel_close(sb.double()(x), y_ref, REL_TOL[torch.float64], "y")

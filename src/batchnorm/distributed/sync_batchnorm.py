@@ -213,7 +213,9 @@ class SyncBatchNorm(_BatchNorm):
         self.process_group = process_group
 
     def _forward(self, input: Tensor, residual=None, activation=None) -> Tensor:
-        if not (self._uses_batch_stats() and world_size(self.process_group) > 1):
+        # only training synchronizes (torch.nn's rule): eval mode without running statistics uses
+        # the local batch, so a rank evaluating alone (e.g. validation on rank 0) does not wait
+        if not (self.training and world_size(self.process_group) > 1):
             return super()._forward(input, residual, activation)
         self._check_input_dim(input)
         if residual is not None and (not isinstance(residual, Tensor) or residual.shape != input.shape):
