@@ -177,3 +177,23 @@ def test_eval_without_running_stats_does_not_synchronize(monkeypatch):
     x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
     y_ref, _ = R.batch_norm_train(x.numpy())
     assert_rel_close(sb.double()(x), y_ref, REL_TOL[torch.float64], "y")
+
+
+def test_check_finite_raises_on_every_rank_before_any_update(monkeypatch):
+    # the check runs on the exchanged global statistics, which every rank holds identically,
+    # so all ranks raise together (no rank left waiting) and no running statistic moves
+    import batchnorm.distributed.sync_batchnorm as S
+
+    def gathered(x, process_group):  # what the exchange returns when another rank's batch had a NaN
+        mean, var = x.double().mean((0, 2, 3)), x.double().var((0, 2, 3), unbiased=False)
+        mean[1] = float("nan")
+        return 2 * x.numel() // x.shape[1], mean, var
+
+    monkeypatch.setattr(S, "world_size", lambda process_group=None: 2)
+    monkeypatch.setattr(S, "_all_gather_moments", gathered)
+    sb = SyncBatchNorm(3, check_finite=True)
+    before = {k: v.clone() for k, v in sb.state_dict().items()}
+    with pytest.raises(FloatingPointError, match="not finite"):
+        sb(torch.randn(4, 3, 2, 2))
+    for k, v in sb.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -129,6 +129,7 @@ def sync_batch_norm(
     *,
     num_batches_tracked: Optional[Tensor] = None,
     process_group=None,
+    check_finite: bool = False,
 ) -> Tensor:
     r"""Training-mode batch norm with statistics over the inputs of all processes of ``process_group``.
 
@@ -144,6 +145,8 @@ def sync_batch_norm(
     Shapes: input ``(N_r, C, *)``; weight, bias, running statistics ``(C,)``.
     Raises ``ValueError`` if the global batch has fewer than 2 values per channel (on every
     rank, after the statistics exchange, so no rank is left waiting); nothing is mutated then.
+    With ``check_finite=True``, non-finite global statistics (a NaN/Inf on any rank) raise
+    ``FloatingPointError`` on every rank, likewise after the exchange and before any update.
 
     Example (in each of ``world_size`` processes after ``dist.init_process_group("gloo", ...)``)::
 
@@ -159,13 +162,16 @@ def sync_batch_norm(
         from ..functional.batch_norm import batch_norm
 
         return batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps,
-                          num_batches_tracked=num_batches_tracked, backend="aten")  # fmt: skip
+                          num_batches_tracked=num_batches_tracked, check_finite=check_finite,
+                          backend="aten")  # fmt: skip
     count, mean, var = _all_gather_moments(input, process_group)
     if count < 2:
         raise ValueError(
             f"{what}: expected more than 1 value per channel across all processes when training, got {count}; "
             f"use larger batches or model.eval()"
         )
+    if check_finite:  # every rank sees the same global statistics, so all raise together
+        _core.check_finite_stats(mean, var, what=what)
     work = _core.stat_dtype(input.dtype)
     mean_w, var_w = mean.to(work), var.to(work)
     y = _SyncBatchNormFunction.apply(input, weight, bias, mean_w, var_w, count, eps, process_group)
@@ -222,7 +228,8 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError(f"SyncBatchNorm: residual must have the input's shape {tuple(input.shape)}")
         running_mean, running_var, num_batches_tracked = self._running_stats_to_update()
         y = sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, self.momentum, self.eps,
-                            num_batches_tracked=num_batches_tracked, process_group=self.process_group)  # fmt: skip
+                            num_batches_tracked=num_batches_tracked, process_group=self.process_group,
+                            check_finite=self.check_finite)  # fmt: skip
         if residual is not None:
             y = y + residual
         return apply_activation(y, activation)
