@@ -215,11 +215,12 @@ def batch_moments_and_normalize(x: Tensor, weight: Optional[Tensor], bias: Optio
     return y, mean.detach(), rstd.detach()
 
 
-def can_update_in_kernel(x: Tensor, running_mean: Optional[Tensor]) -> bool:
+def can_update_in_kernel(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> bool:
     """Whether :func:`train_and_update_in_kernel` applies: eager mode, running buffers in the statistics dtype."""
     return (
         running_mean is not None
         and running_mean.dtype == stat_dtype(x.dtype)
+        and running_var.dtype == running_mean.dtype
         and not torch.compiler.is_compiling()
     )
 

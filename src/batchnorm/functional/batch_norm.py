@@ -126,7 +126,7 @@ def batch_norm(
     impl = _backend_impl(resolve_backend(backend, input))
 
     if training:
-        if impl is _Aten and not check_finite and _core.can_update_in_kernel(input, running_mean):
+        if impl is _Aten and not check_finite and _core.can_update_in_kernel(input, running_mean, running_var):
             y = _core.train_and_update_in_kernel(
                 input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, count
             )
