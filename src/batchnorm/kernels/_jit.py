@@ -102,6 +102,29 @@ def _merge_partials(PCOUNT, PMEAN, PM2, c, C, n_split, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _affine_params(W, B, c, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-channel ``gamma`` (1 without a weight) and ``beta`` (0 without a bias), in float32."""
+    if HAS_W:
+        gamma = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        gamma = tl.full([BLOCK_C], 1.0, tl.float32)
+    if HAS_B:
+        beta = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        beta = tl.zeros([BLOCK_C], tl.float32)
+    return gamma, beta
+
+
+@triton.jit
+def _saved_stats(SHIFT, DMEAN, RSTD, c, cmask):
+    """The forward's saved per-channel ``(shift k, mean - k, rstd)`` for the backward kernels."""
+    k = tl.load(SHIFT + c, mask=cmask, other=0.0)
+    d = tl.load(DMEAN + c, mask=cmask, other=0.0)
+    rstd = tl.load(RSTD + c, mask=cmask, other=0.0)
+    return k, d, rstd
+
+
+@triton.jit
 def bn_stats_partial_kernel(
     X, sxn, sxc, sxs,            # input view (N', C, S') and its strides
     PCOUNT, PMEAN, PM2,          # out: (n_split, C) float32 partial count / mean of x-k / M2
@@ -181,14 +204,7 @@ def bn_apply_kernel(
         k = tl.load(RM + c, mask=cmask, other=0.0).to(tl.float32)
         d = tl.zeros([BLOCK_C], tl.float32)
         rstd = tl.rsqrt(tl.load(RV + c, mask=cmask, other=1.0).to(tl.float32) + eps)
-    if HAS_W:
-        gamma = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        gamma = tl.full([BLOCK_C], 1.0, tl.float32)
-    if HAS_B:
-        beta = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        beta = tl.zeros([BLOCK_C], tl.float32)
+    gamma, beta = _affine_params(W, B, c, cmask, HAS_W, HAS_B, BLOCK_C)
     scale = gamma * rstd
     t_begin = j * tiles_per_prog
     t_end = tl.minimum(t_begin + tiles_per_prog, n_tiles)
@@ -223,17 +239,8 @@ def bn_bwd_reduce_kernel(
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     c64 = c.to(tl.int64)
-    k = tl.load(SHIFT + c, mask=cmask, other=0.0)
-    d = tl.load(DMEAN + c, mask=cmask, other=0.0)
-    rstd = tl.load(RSTD + c, mask=cmask, other=0.0)
-    if HAS_W:
-        gamma = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        gamma = tl.full([BLOCK_C], 1.0, tl.float32)
-    if HAS_B:
-        beta = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        beta = tl.zeros([BLOCK_C], tl.float32)
+    k, d, rstd = _saved_stats(SHIFT, DMEAN, RSTD, c, cmask)
+    gamma, beta = _affine_params(W, B, c, cmask, HAS_W, HAS_B, BLOCK_C)
     sum_g = tl.zeros([BLOCK_C], tl.float32)
     sum_gx = tl.zeros([BLOCK_C], tl.float32)
     t_begin = j * tiles_per_prog
@@ -286,17 +293,8 @@ def bn_bwd_dx_kernel(
     if j == 0:
         tl.store(DW + c, sum_gx, mask=cmask)
         tl.store(DB + c, sum_g, mask=cmask)
-    k = tl.load(SHIFT + c, mask=cmask, other=0.0)
-    d = tl.load(DMEAN + c, mask=cmask, other=0.0)
-    rstd = tl.load(RSTD + c, mask=cmask, other=0.0)
-    if HAS_W:
-        gamma = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        gamma = tl.full([BLOCK_C], 1.0, tl.float32)
-    if HAS_B:
-        beta = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        beta = tl.zeros([BLOCK_C], tl.float32)
+    k, d, rstd = _saved_stats(SHIFT, DMEAN, RSTD, c, cmask)
+    gamma, beta = _affine_params(W, B, c, cmask, HAS_W, HAS_B, BLOCK_C)
     c1 = sum_g / m                   # mean of g
     c2 = sum_gx / m                  # mean of g * xhat
     scale = gamma * rstd
