@@ -24,12 +24,13 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from typing import Callable
 
 import torch
 from torch import nn
+
+from .._io import atomic_write
 
 __all__ = ["add_subcommands", "main", "CLIError", "load_model", "load_state_dict_file", "write_atomic"]
 
@@ -103,21 +104,14 @@ def load_state_dict_file(model: nn.Module, path: str) -> None:
 
 
 def write_atomic(path: str, write: Callable) -> None:
-    """Call ``write(fileobj)`` on a temporary file next to ``path``, then ``os.replace`` it over ``path``."""
+    """Call ``write(fileobj)`` on a temporary file next to ``path``, then ``os.replace`` it over ``path``.
+
+    Refuses (``CLIError``) when ``path``'s folder does not exist rather than creating it.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise CLIError(f"output directory {directory!r} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, write)
 
 
 def _write_json(path: str, data: dict) -> Callable:
