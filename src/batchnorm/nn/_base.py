@@ -153,3 +153,24 @@ class NormBase(nn.Module):
             # checkpoints written before num_batches_tracked existed (torch.nn does the same)
             state_dict[key] = torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+#: the per-channel values a normalization module carries (torch.nn's names)
+NORM_VALUES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+@torch.no_grad()
+def copy_norm_values(src: nn.Module, dst: nn.Module) -> None:
+    """Copy :data:`NORM_VALUES` from ``src`` into ``dst`` wherever both hold a tensor.
+
+    Values are copied in place (``dst`` keeps its own dtype and device); parameters keep
+    ``src``'s ``requires_grad``. Parameters and buffers of the same name map onto each
+    other, so this serves any pair of torch.nn / batchnorm / frozen normalization modules.
+    """
+    for key in NORM_VALUES:
+        s, t = getattr(src, key, None), getattr(dst, key, None)
+        if isinstance(s, Tensor) and isinstance(t, Tensor):
+            t.copy_(s)
+            if isinstance(s, nn.Parameter) and isinstance(t, nn.Parameter):
+                t.requires_grad_(s.requires_grad)
+

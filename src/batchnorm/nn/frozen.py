@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as BF
-from ._base import NormBase
+from ._base import NormBase, copy_norm_values
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze", "unfreeze"]
@@ -152,12 +152,7 @@ def _is_frozen_target(m: nn.Module) -> bool:
 def _to_frozen(bn: nn.Module) -> _FrozenBatchNorm:
     ref = bn.running_mean
     frozen = _frozen_class(bn)(bn.num_features, bn.eps, device=ref.device, dtype=ref.dtype)
-    if bn.affine:
-        frozen.weight.copy_(bn.weight)
-        frozen.bias.copy_(bn.bias)
-    frozen.running_mean.copy_(bn.running_mean)
-    frozen.running_var.copy_(bn.running_var)
-    frozen.num_batches_tracked.copy_(bn.num_batches_tracked)
+    copy_norm_values(bn, frozen)
     kwargs = {"eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine}
     if hasattr(bn, "_extra_init_kwargs"):
         kwargs.update(bn._extra_init_kwargs())
@@ -211,12 +206,7 @@ def _from_frozen(frozen: _FrozenBatchNorm, bn_class: Optional[type]) -> nn.Modul
     kwargs = {"eps": frozen.eps, **kwargs}
     ref = frozen.running_mean
     bn = cls(frozen.num_features, device=ref.device, dtype=ref.dtype, **kwargs)
-    if bn.affine:
-        bn.weight.copy_(frozen.weight)
-        bn.bias.copy_(frozen.bias)
-    bn.running_mean.copy_(frozen.running_mean)
-    bn.running_var.copy_(frozen.running_var)
-    bn.num_batches_tracked.copy_(frozen.num_batches_tracked)
+    copy_norm_values(frozen, bn)
     bn.train(frozen.training)
     return bn
 

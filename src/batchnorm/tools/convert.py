@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..nn._base import copy_norm_values
 from ._graph import bn_activation, bn_dims, bn_modules, has_running_stats, num_channels, set_submodule
 
 __all__ = ["convert", "TARGETS"]
@@ -38,7 +39,6 @@ TARGETS = {
     "groupnorm": ("batchnorm.nn.groupnorm", "GroupNorm"),
 }
 
-_VALUES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 def _target_class(to: str, d: Optional[int], where: str):
@@ -121,12 +121,7 @@ def _convert_one(src: nn.Module, name: str, to: str, dim: Optional[int], kwargs:
         new = cls(**init) if to == "groupnorm" else cls(c, **{k: v for k, v in init.items() if k != "num_features"})
     except (TypeError, ValueError) as err:
         raise ValueError(f"convert: cannot build {cls.__name__} for '{name}' ({type(src).__name__}): {err}") from err
-    for key in _VALUES:
-        s, t = getattr(src, key, None), getattr(new, key, None)
-        if isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor):
-            t.copy_(s)
-            if isinstance(s, nn.Parameter) and isinstance(t, nn.Parameter):
-                t.requires_grad_(s.requires_grad)
+    copy_norm_values(src, new)
     new.train(src.training)
     return new
 
