@@ -102,6 +102,14 @@ def _merge_partials(PCOUNT, PMEAN, PM2, c, C, n_split, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _program_channels(C, BLOCK_C: tl.constexpr):
+    """This program's place in the grid: split index ``j`` (axis 1) and its block of channels
+    ``c`` (axis 0), their mask, and ``c`` as int64 for pointer arithmetic."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return tl.program_id(1), c, c < C, c.to(tl.int64)
+
+
+@triton.jit
 def _affine_params(W, B, c, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per-channel ``gamma`` (1 without a weight) and ``beta`` (0 without a bias), in float32."""
     if HAS_W:
@@ -133,11 +141,7 @@ def bn_stats_partial_kernel(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Pass 1 of the training forward: per-program ``(count, mean, M2)`` of ``x - k`` per channel."""
-    cb = tl.program_id(0)
-    j = tl.program_id(1)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    c64 = c.to(tl.int64)
+    j, c, cmask, c64 = _program_channels(C, BLOCK_C)
     k = tl.load(X + c64 * sxc, mask=cmask, other=0.0).to(tl.float32)  # shift k_c = x[0, c, 0]
     cnt = tl.zeros([BLOCK_C], tl.float32)
     mean = tl.zeros([BLOCK_C], tl.float32)
@@ -185,11 +189,7 @@ def bn_apply_kernel(
     Inference: ``k = running_mean``, ``d = 0``, ``rstd = 1/sqrt(running_var + eps)`` (no folding
     into ``x * scale + shift``, which cancels when ``|running_mean| >> std``).
     """
-    cb = tl.program_id(0)
-    j = tl.program_id(1)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    c64 = c.to(tl.int64)
+    j, c, cmask, c64 = _program_channels(C, BLOCK_C)
     if TRAINING:
         k = tl.load(X + c64 * sxc, mask=cmask, other=0.0).to(tl.float32)
         cnt, d, m2 = _merge_partials(PCOUNT, PMEAN, PM2, c, C, n_split, BLOCK_C)
@@ -234,11 +234,7 @@ def bn_bwd_reduce_kernel(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Backward pass 1: ``g`` through the fused activation, per-program ``sum(g)``, ``sum(g * xhat)``."""
-    cb = tl.program_id(0)
-    j = tl.program_id(1)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    c64 = c.to(tl.int64)
+    j, c, cmask, c64 = _program_channels(C, BLOCK_C)
     k, d, rstd = _saved_stats(SHIFT, DMEAN, RSTD, c, cmask)
     gamma, beta = _affine_params(W, B, c, cmask, HAS_W, HAS_B, BLOCK_C)
     sum_g = tl.zeros([BLOCK_C], tl.float32)
@@ -280,11 +276,7 @@ def bn_bwd_dx_kernel(
 ):
     """Backward pass 2: ``dx = gamma * rstd * (g - sum(g)/m - xhat * sum(g*xhat)/m)`` (training),
     ``dx = gamma * rstd * g`` (inference: the statistics are constants)."""
-    cb = tl.program_id(0)
-    j = tl.program_id(1)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    c64 = c.to(tl.int64)
+    j, c, cmask, c64 = _program_channels(C, BLOCK_C)
     sum_g = tl.zeros([BLOCK_C], tl.float32)
     sum_gx = tl.zeros([BLOCK_C], tl.float32)
     for i in range(n_split):
