@@ -155,7 +155,7 @@ def _affine_args(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
     return weight, bias
 
 
-def _off_center(mean: Tensor, rstd: Optional[Tensor] = None, var: Optional[Tensor] = None, eps: float = 0.0) -> bool:
+def is_off_center(mean: Tensor, rstd: Optional[Tensor] = None, var: Optional[Tensor] = None, eps: float = 0.0) -> bool:
     """Whether ``max_c |mean_c| * rstd_c > SHIFT_LIMIT`` (``rstd`` given, or ``1/sqrt(var + eps)``).
 
     ``C`` numbers; on the CPU they are read through zero-copy NumPy views because
@@ -171,7 +171,7 @@ def _off_center(mean: Tensor, rstd: Optional[Tensor] = None, var: Optional[Tenso
 
 
 def _running_stats_off_center(running_mean: Tensor, running_var: Tensor, eps: float) -> bool:
-    """:func:`_off_center` of the running statistics, remembered until a buffer is written.
+    """:func:`is_off_center` of the running statistics, remembered until a buffer is written.
 
     Inference calls the check with the same buffers again and again; its ~C-sized
     work is measurable next to a memory-bound kernel, so the answer is cached under
@@ -180,12 +180,12 @@ def _running_stats_off_center(running_mean: Tensor, running_var: Tensor, eps: fl
     """
     if running_mean.is_inference() or running_var.is_inference():
         # inference tensors have no version counter (reading it raises), so nothing can be cached
-        return _off_center(running_mean, var=running_var, eps=eps)
+        return is_off_center(running_mean, var=running_var, eps=eps)
     key = (running_mean._version, running_var._version, running_mean.data_ptr(), running_var.data_ptr(), eps)
     hit = getattr(running_mean, "_batchnorm_off_center", None)
     if hit is not None and hit[0] == key:
         return hit[1]
-    result = _off_center(running_mean, var=running_var, eps=eps)
+    result = is_off_center(running_mean, var=running_var, eps=eps)
     running_mean._batchnorm_off_center = (key, result)
     return result
 
@@ -210,7 +210,7 @@ def batch_moments_and_normalize(x: Tensor, weight: Optional[Tensor], bias: Optio
     if precise and torch.compiler.is_compiling():
         return _recentred(x, weight, bias, eps, _first_of_each_channel(x))
     y, mean, rstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
-    if precise and _off_center(mean, rstd):
+    if precise and is_off_center(mean, rstd):
         return _recentred(x, weight, bias, eps, mean)
     return y, mean.detach(), rstd.detach()
 
@@ -252,7 +252,7 @@ def train_and_update_in_kernel(
     saved = (running_mean.clone(), running_var.clone())
     w, b = _affine_args(x, weight, bias)
     y, mean, rstd = torch.native_batch_norm(x, w, b, running_mean, running_var, True, factor, eps)
-    if x.dtype != torch.float64 and _off_center(mean, rstd):
+    if x.dtype != torch.float64 and is_off_center(mean, rstd):
         running_mean.copy_(saved[0])
         running_var.copy_(saved[1])
         y, mean, rstd = _recentred(x, w, b, eps, mean)
@@ -365,7 +365,7 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
         return z, z.clone()
     xs = x.to(work) if x.dtype in _HALF else x
     mean, var = torch.batch_norm_update_stats(xs, None, None, 0.0)
-    if work != torch.float64 and _off_center(mean, var=var, eps=1e-30):
+    if work != torch.float64 and is_off_center(mean, var=var, eps=1e-30):
         shift = mean.to(x.dtype)
         mean, var = torch.batch_norm_update_stats(xs - param_view(shift.to(xs.dtype), x.dim()), None, None, 0.0)
         mean = mean + shift.to(work)
@@ -429,7 +429,7 @@ def can_normalize_with_batch_stats(x: Tensor, weight: Optional[Tensor], mean: Te
         and (weight is None or weight.dtype == x.dtype)
         and mean.dtype == x.dtype
         and not torch.compiler.is_compiling()
-        and not _off_center(mean, var=var, eps=eps)
+        and not is_off_center(mean, var=var, eps=eps)
     )
 
 

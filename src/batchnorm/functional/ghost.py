@@ -106,11 +106,12 @@ def ghost_batch_norm(
     impl = _backend_impl(resolve_backend(backend, input))
 
     counts = [chunk.numel() // chunk.shape[1] for chunk in input.split(virtual_batch_size, dim=0)]
-    y = None
+    y, off_centre = None, None  # off_centre: whether a chunk has |mean| > SHIFT_LIMIT * std
     if impl is _Aten and _can_normalize_in_place(input, weight):
         y, means, rstds = _GhostNormalize.apply(input, weight, bias, virtual_batch_size, eps)
-        if _core._off_center(means.reshape(-1), rstds.reshape(-1)):
-            y = None  # an off-centre chunk: redo through the re-centring core below
+        off_centre = _core.is_off_center(means.reshape(-1), rstds.reshape(-1))
+        if off_centre:
+            y = None  # redo through the re-centring core below
     if y is None:
         ys, means, rstds = [], [], []
         for chunk in input.split(virtual_batch_size, dim=0):
@@ -121,7 +122,9 @@ def ghost_batch_norm(
         y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=0)
         means, rstds = torch.stack(means), torch.stack(rstds)
     if check_finite or running_mean is not None:
-        if _core._off_center(means.reshape(-1), rstds.reshape(-1)):
+        if off_centre is None:
+            off_centre = _core.is_off_center(means.reshape(-1), rstds.reshape(-1))
+        if off_centre:
             # float32 chunk means near a large offset carry ulp(mean) errors that the merge's
             # between-chunk term would amplify: take the whole batch's re-centred moments
             mean, var = _core.batch_moments(input)

@@ -27,7 +27,7 @@ from typing import Callable, Dict, Iterable, Optional
 import torch
 from torch import nn
 
-from ..functional._core import SHIFT_LIMIT, batch_moments, merge_moments, param_view
+from ..functional._core import batch_moments, is_off_center, merge_moments, param_view
 from ._graph import bn_modules, has_running_stats, is_frozen
 
 __all__ = ["recalibrate"]
@@ -81,7 +81,7 @@ def recalibrate(
     How: a forward pre-hook on each BN computes the batch's per-channel ``(n_k, mu_k, var_k)``
     (one read of the BN input; float32 statistics with re-centring at large offsets) and
     stores them as the BN's running statistics, and the BN runs in eval mode - which then
-    normalizes with exactly the batch statistics (for channels with ``|mean| > 64 std`` the hook
+    normalizes with exactly the batch statistics (for channels with ``|mean| > SHIFT_LIMIT * std``, 8 std, the hook
     hands the BN ``x - s`` with ``s`` the mean rounded to the input dtype, an exact
     subtraction, so float32 rounding of a large mean does not shift the normalized output). So the cost is that of plain eval-mode
     forwards plus one statistics pass per BN, whatever the BN variant (renorm, ghost,
@@ -130,7 +130,7 @@ def recalibrate(
             x = args[0]
             mean, var = batch_moments(x)
             n = x.numel() // x.shape[1] if x.shape[1] else 0
-            if x.dtype != torch.float64 and bool((mean.abs() * torch.rsqrt(var + 1e-30)).amax() > SHIFT_LIMIT):
+            if x.dtype != torch.float64 and is_off_center(mean, var=var, eps=1e-30):
                 # Far from zero, a float32 mean is off by ulp(mean): that would leak into the
                 # between-batch term of the merge and into the normalization. Feed the BN the exactly
                 # shifted input x - s (s = mean rounded to x's dtype) with the small residual mean.
