@@ -195,7 +195,8 @@ def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="momentum"):
         batchnorm.BatchNorm2d(3, momentum=-0.1)
     with pytest.raises(ValueError, match="eps"):
-        batchnorm.BatchNorm2d(3, eps=0)
+        batchnorm.BatchNorm2d(3, eps=-1e-5)
+    assert batchnorm.BatchNorm2d(3, eps=0).eps == 0  # torch.nn accepts eps=0 (its InstanceNorm tests use it)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

@@ -118,7 +118,7 @@ def test_sync_matches_single_process_on_concatenated_batch(world, tmp_path):
 
 @pytest.mark.parametrize("mode,match", [
     ("die-before-init", "1/2 clients joined"),  # rank 1 never joins: the rendezvous times out
-    ("die-after-init", "SyncBatchNorm: the all_gather of batch statistics across 2 processes failed"),
+    ("die-after-init", "across 2 processes failed or timed out"),  # its first exchange (the handshake) fails
 ])  # fmt: skip
 def test_dead_process_gives_clear_error_not_hang(mode, match, tmp_path):
     t0 = time.monotonic()
@@ -184,13 +184,15 @@ def test_check_finite_raises_on_every_rank_before_any_update(monkeypatch):
     # so all ranks raise together (no rank left waiting) and no running statistic moves
     import batchnorm.distributed.sync_batchnorm as S
 
-    def gathered(x, process_group):  # what the exchange returns when another rank's batch had a NaN
-        mean, var = x.double().mean((0, 2, 3)), x.double().var((0, 2, 3), unbiased=False)
-        mean[1] = float("nan")
-        return 2 * x.numel() // x.shape[1], mean, var
+    def exchange(self, header, mean, var):  # what the exchange returns when the other rank's batch had a NaN
+        packed = torch.cat([torch.tensor(header, dtype=torch.float64), mean, var])
+        other = packed.clone()
+        other[S.HEADER + 1] = float("nan")
+        return torch.stack([packed, other])
 
     monkeypatch.setattr(S, "world_size", lambda process_group=None: 2)
-    monkeypatch.setattr(S, "_all_gather_moments", gathered)
+    monkeypatch.setattr(S.AllRanks, "_exchange", exchange)
+    monkeypatch.setattr(S.AllRanks, "handshake", lambda self: None)
     sb = SyncBatchNorm(3, check_finite=True)
     before = {k: v.clone() for k, v in sb.state_dict().items()}
     with pytest.raises(FloatingPointError, match="not finite"):

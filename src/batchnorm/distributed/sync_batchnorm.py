@@ -1,49 +1,70 @@
 r"""Synchronized batch norm on ``torch.distributed``: one set of statistics for all processes.
 
+It is the normalization pipeline (:mod:`batchnorm.functional.pipeline`) with
+:class:`AllRanks` as the statistics source.
+
 Forward (training). Every rank ``r`` computes, per channel, its count ``n_r``, mean
-``mu_r`` and ``M2_r = sum (x - mu_r)^2`` (:func:`batchnorm.functional._core.batch_moments`),
-the ranks all-gather ``(n_r, mu_r, M2_r)`` (one collective, ``1 + 2C`` float64 numbers
-per rank) and each merges them exactly (Chan et al. 1979,
-:func:`batchnorm.functional._core.merge_moments`)::
+``mu_r`` and biased variance under the one precision rule
+(:func:`batchnorm.functional.stats.moments`); the ranks all-gather them in **one**
+collective of ``HEADER + 2C`` float64 numbers per rank, a header included (channel count,
+dtype, layout, and whether the rank rejected its input), and each rank merges them
+exactly (Chan et al. 1979, :func:`batchnorm.functional.stats.merge`)::
 
-    n = sum n_r,   mu = sum n_r mu_r / n,   M2 = sum M2_r + sum n_r (mu_r - mu)^2,   var = M2 / n
+    n = sum n_r,   mu = sum n_r mu_r / n,   M2 = sum n_r var_r + sum n_r (mu_r - mu)^2,   var = M2 / n
 
-- not an average of per-rank variances, which is wrong for uneven batches. Then
-``y = gamma * (x - mu) * rstd + beta`` with ``rstd = 1/sqrt(var + eps)`` (the native
-kernel), and the running statistics get the same update as single-process batch
-norm on the concatenated batch (unbiased with the global ``n``).
+- not an average of per-rank variances, which is wrong for uneven batches. At large
+offsets (``|mu| * rstd > SHIFT_LIMIT``) the global statistics are re-centred on ``mu``
+rounded to the input dtype, so float32 stays exact. Then ``x`` is normalized by the
+one "given statistics" Function, and the running statistics get the same update as
+single-process batch norm on the concatenated batch (unbiased with the global ``n``).
 
-Backward. With ``xhat = (x - mu) * rstd`` and global sums (one all-reduce of ``2C``
-numbers)::
+Backward. The Function's native reduce (``sum dy``, ``sum dy * xhat``) -> one all-reduce of
+``2C`` numbers -> ``dx = gamma * rstd * (dy - S1/n - xhat * S2/n)``. The parameter
+gradients are per-rank, as in ``torch.nn.SyncBatchNorm``: summed over ranks (what
+DistributedDataParallel's all-reduce does, up to its averaging) they are the full-batch
+gradients.
 
-    S1 = sum_all dy,   S2 = sum_all dy * xhat
-    dx = gamma * rstd * (dy - S1 / n - xhat * S2 / n)
-    dgamma = sum_local dy * xhat,   dbeta = sum_local dy
+Failures are collective: a rank whose input is rejected still joins the exchange, with the
+header saying so, and every rank raises the same error before anything is updated; ranks
+whose channel counts, dtypes or layouts differ raise together too. Every wait is bounded
+by ``timeout`` (default :data:`DEFAULT_TIMEOUT_S`, well under the process group's 30
+minutes), so a rank that crashed, hangs, or skipped the layer ends in a clear error on
+the others instead of a silent wait. A rank with an empty batch contributes ``n_r = 0``
+and still joins both collectives. Without an initialized process group, or with a group
+of one process, the layer is plain batch norm.
 
-The parameter gradients are per-rank, as in ``torch.nn.SyncBatchNorm``: summed over
-ranks (what DistributedDataParallel's all-reduce does, up to its averaging) they are
-the full-batch gradients.
-
-A rank with an empty batch (``N = 0``) contributes ``n_r = 0`` and still joins both
-collectives; every rank must call the layer (and its backward) the same number of
-times, or the others wait until the process group's timeout and then fail with the
-error below. Without an initialized process group, or with a group of one process,
-the layer is plain batch norm.
+Host reads. The exchanged header is read on the host once per training step (the same
+synchronization ``torch.nn.SyncBatchNorm`` makes), so SyncBatchNorm, unlike the other
+modules, synchronizes a GPU once per layer and step and cannot be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..functional import _core
-from ..functional.batch_norm import apply_activation
+from ..errors import InputError, InputTypeError
+from ..functional.backends import apply_activation
+from ..functional.batch_norm import batch_norm
+from ..functional.pipeline import Running, ThisBatch, check_eps, check_input, check_momentum, run
+from ..functional.stats import BatchStats, PrecisionState, merge, moments, off_center, stat_dtype
 from ..nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
-__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_batch_norm", "world_size"]
+__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_batch_norm", "world_size", "DEFAULT_TIMEOUT_S"]
+
+#: seconds any rank waits for the others in one collective of this layer (the process
+#: group's own default is 30 minutes); long enough for a rank that evaluates alone between steps
+DEFAULT_TIMEOUT_S = 600.0
+
+_DTYPE_CODES = {torch.float32: 1.0, torch.float64: 2.0, torch.float16: 3.0, torch.bfloat16: 4.0}
+_DTYPE_NAMES = {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}
+_LAYOUTS = ("contiguous", "channels_last", "other")
+#: header of the exchanged statistics: count, channels, dtype code, layout code, rejected (0/1)
+HEADER = 5
 
 
 def world_size(process_group=None) -> int:
@@ -53,69 +74,106 @@ def world_size(process_group=None) -> int:
     return dist.get_world_size(process_group)
 
 
-def _collective(op: str, fn, process_group):
+def _layout_code(x) -> float:
+    if not isinstance(x, Tensor) or x.is_contiguous():
+        return 0.0
+    if x.dim() in (4, 5) and x.is_contiguous(memory_format=torch.channels_last if x.dim() == 4
+                                             else torch.channels_last_3d):  # fmt: skip
+        return 1.0
+    return 2.0
+
+
+def _wait(op: str, work, timeout: Optional[float], process_group) -> None:
     try:
-        return fn()
-    except RuntimeError as e:  # gloo/NCCL errors (DistBackendError is a RuntimeError)
+        if timeout is None:
+            work.wait()
+        else:
+            work.wait(timeout=timedelta(seconds=timeout))
+    except RuntimeError as e:  # gloo/NCCL errors and timeouts (DistBackendError is a RuntimeError)
         raise RuntimeError(
-            f"SyncBatchNorm: the {op} across {world_size(process_group)} processes failed - a process died, "
-            f"timed out, or did not call this layer (every rank must run it, also with an empty batch). "
-            f"Original error: {e}"
+            f"SyncBatchNorm: the {op} across {world_size(process_group)} processes failed or timed out after "
+            f"{timeout} s - a process died, hangs, raised before reaching this layer, or did not call it (every "
+            f"rank must run it, also with an empty batch). Original error: {e}"
         ) from e
 
 
-def _all_gather_moments(x: Tensor, process_group):
-    """Local ``(count, mean, M2)`` gathered from all ranks and merged: global ``(n, mean, var)`` in float64."""
-    c = x.shape[1]
-    n_local = x.numel() // c if c else 0
-    mean, var = _core.batch_moments(x)
-    packed = torch.empty(1 + 2 * c, device=x.device, dtype=torch.float64)
-    packed[0] = n_local
-    packed[1 : 1 + c] = mean
-    packed[1 + c :] = var.to(torch.float64) * n_local
-    parts = [torch.empty_like(packed) for _ in range(world_size(process_group))]
-    _collective("all_gather of batch statistics", lambda: dist.all_gather(parts, packed, group=process_group),
-                process_group)  # fmt: skip
-    parts = torch.stack(parts)
-    n, g_mean, g_m2 = _core.merge_moments(parts[:, 0], parts[:, 1 : 1 + c], parts[:, 1 + c :])
-    return int(n.item()), g_mean, g_m2 / max(int(n.item()), 1)
+class AllRanks(ThisBatch):
+    """Statistics of the union of all ranks' batches (SyncBatchNorm's source); see the module docstring."""
 
+    fusable = False
+    in_kernel = False
 
-class _SyncBatchNormFunction(torch.autograd.Function):
-    """``y = weight * (x - mean) * rstd + bias`` with global statistics; backward all-reduces ``S1``, ``S2``."""
+    def __init__(self, process_group, timeout: Optional[float], channels: int, device) -> None:
+        self.group, self.timeout, self.channels, self.device = process_group, timeout, channels, device
+        self.n = 0
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, count, eps, process_group):
-        # x: (N, C, *) local batch; weight/bias: (C,) or None; mean/var: (C,) global, stat dtype
-        y = _core.normalize_with_running_stats(x, mean, var, weight, bias, eps)
-        ctx.save_for_backward(x, weight, mean, var)
-        ctx.count, ctx.eps, ctx.process_group = count, eps, process_group
-        return y
+    def _exchange(self, header: list, mean: Tensor, var: Tensor) -> Tensor:
+        c = self.channels
+        packed = torch.empty(HEADER + 2 * c, device=self.device, dtype=torch.float64)
+        packed[:HEADER].copy_(torch.tensor(header, dtype=torch.float64))
+        packed[HEADER:HEADER + c] = mean
+        packed[HEADER + c:] = var
+        parts = [torch.empty_like(packed) for _ in range(world_size(self.group))]
+        _wait("all_gather of batch statistics", dist.all_gather(parts, packed, group=self.group, async_op=True),
+              self.timeout, self.group)  # fmt: skip
+        return torch.stack(parts)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, mean, var = ctx.saved_tensors
-        work = mean.dtype
-        axes = [0] + list(range(2, x.dim()))
-        rstd = torch.rsqrt(var + ctx.eps)
-        view = lambda t: _core.param_view(t, x.dim())  # noqa: E731
-        xhat = (x.to(work) - view(mean)) * view(rstd)
-        dy_w = dy.to(work)
-        sums = torch.cat([dy_w.sum(axes), (dy_w * xhat).sum(axes)])  # local (S1, S2)
-        local_s1, local_s2 = sums.chunk(2)
-        local_s1, local_s2 = local_s1.clone(), local_s2.clone()
-        _collective("all_reduce of gradient sums", lambda: dist.all_reduce(sums, group=ctx.process_group),
-                    ctx.process_group)  # fmt: skip
-        s1, s2 = sums.chunk(2)
-        scale = rstd if weight is None else weight.to(work) * rstd
-        dx = (dy_w - view(s1 / ctx.count) - xhat * view(s2 / ctx.count)) * view(scale)
-        dx = dx.to(x.dtype)
-        dweight = dbias = None
-        if weight is not None:
-            dweight = local_s2.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        if ctx.needs_input_grad[2]:
-            dbias = local_s1.to(weight.dtype if weight is not None else x.dtype)
-        return dx, dweight, dbias, None, None, None, None, None
+    def handshake(self) -> None:
+        """Compare the channel count with every rank's in a fixed-size exchange (a module's first call):
+        ranks built with different ``num_features`` would otherwise exchange statistics of different
+        sizes, which the backends cannot report."""
+        mine = torch.full((1,), float(self.channels), device=self.device, dtype=torch.float64)
+        parts = [torch.empty_like(mine) for _ in range(world_size(self.group))]
+        _wait("exchange of channel counts", dist.all_gather(parts, mine, group=self.group, async_op=True),
+              self.timeout, self.group)  # fmt: skip
+        counts = [int(p.item()) for p in parts]
+        if len(set(counts)) > 1:
+            raise InputError(f"SyncBatchNorm: the ranks' layers have different channel counts {counts} (rank "
+                             f"order); every rank must run the same model")  # fmt: skip
+
+    def reject(self, x) -> None:
+        """Join the exchange as a rank that rejected its input, so the others raise too."""
+        zeros = torch.zeros(self.channels, device=self.device, dtype=torch.float64)
+        dtype = _DTYPE_CODES.get(getattr(x, "dtype", None), 0.0)
+        self._exchange([0.0, float(self.channels), dtype, _layout_code(x), 1.0], zeros, zeros)
+
+    def stats(self, x: Tensor, state: Optional[PrecisionState]) -> BatchStats:
+        local = moments(x)
+        header = [float(local.count), float(x.shape[1]), _DTYPE_CODES[x.dtype], _layout_code(x), 0.0]
+        parts = self._exchange(header, local.total_mean(torch.float64), local.var.double())
+        heads = parts[:, :HEADER].cpu().tolist()  # the one host read (see the module docstring)
+        self._check_headers(heads, x)
+        counts = torch.tensor([h[0] for h in heads], dtype=torch.float64, device=parts.device)
+        g = merge(counts, parts[:, HEADER:HEADER + self.channels], parts[:, HEADER + self.channels:])
+        self.n = int(sum(h[0] for h in heads))
+        if self.n < 2:
+            raise InputError(
+                f"sync_batch_norm: expected more than 1 value per channel across all processes when training, got "
+                f"{self.n}; use larger batches or model.eval()"
+            )
+        work = stat_dtype(x.dtype)
+        shift = None
+        if x.dtype != torch.float64 and off_center(g.mean.cpu(), torch.rsqrt(g.var.cpu() + 1e-30)):
+            shift = g.mean.to(x.dtype)  # re-centre the global statistics (exact float32 at large offsets)
+            return BatchStats((g.mean - shift.double()).to(work), g.var.to(work), self.n, shift)
+        return BatchStats(g.mean.to(work), g.var.to(work), self.n, shift)
+
+    def _check_headers(self, heads, x) -> None:
+        bad = [r for r, h in enumerate(heads) if h[4]]
+        if bad:
+            raise InputError(f"SyncBatchNorm: rank(s) {bad} rejected their input (see the error on those ranks); "
+                             f"no rank updated anything")  # fmt: skip
+        for i, what, names in ((1, "channel counts", None), (2, "dtypes", _DTYPE_NAMES), (3, "layouts", _LAYOUTS)):
+            values = [h[i] for h in heads]
+            if len(set(values)) > 1:
+                shown = [names[int(v)] if isinstance(names, tuple) else (names or {}).get(v, int(v)) for v in values]
+                raise InputError(f"SyncBatchNorm: the ranks' inputs disagree in {what}: {shown} (rank order); "
+                                 f"every rank must run the same model on inputs of the same kind")  # fmt: skip
+
+    def hook(self, local: Tensor):
+        work = dist.all_reduce(local, group=self.group, async_op=True)
+        _wait("all_reduce of gradient sums", work, self.timeout, self.group)
+        return local, self.n
 
 
 def sync_batch_norm(
@@ -130,6 +188,9 @@ def sync_batch_norm(
     num_batches_tracked: Optional[Tensor] = None,
     process_group=None,
     check_finite: bool = False,
+    timeout: Optional[float] = DEFAULT_TIMEOUT_S,
+    handshake: bool = False,
+    precision_state: Optional[PrecisionState] = None,
 ) -> Tensor:
     r"""Training-mode batch norm with statistics over the inputs of all processes of ``process_group``.
 
@@ -143,10 +204,12 @@ def sync_batch_norm(
     All ranks must call it (collective). With one process it *is* ``batch_norm``.
 
     Shapes: input ``(N_r, C, *)``; weight, bias, running statistics ``(C,)``.
-    Raises ``ValueError`` if the global batch has fewer than 2 values per channel (on every
-    rank, after the statistics exchange, so no rank is left waiting); nothing is mutated then.
-    With ``check_finite=True``, non-finite global statistics (a NaN/Inf on any rank) raise
-    ``FloatingPointError`` on every rank, likewise after the exchange and before any update.
+    Errors are raised on every rank together, after the exchange and before any update: a rank
+    whose input is rejected (shape, dtype, eps, ...), ranks that disagree in channels, dtype or
+    layout, a global batch with fewer than 2 values per channel, and (``check_finite=True``)
+    non-finite global statistics. ``timeout`` (seconds, None for the process group's) bounds
+    each wait for the other ranks. ``handshake=True`` first compares the ranks' channel counts
+    in a small fixed-size exchange (the module does this on its first call).
 
     Example (in each of ``world_size`` processes after ``dist.init_process_group("gloo", ...)``)::
 
@@ -154,30 +217,27 @@ def sync_batch_norm(
         >>> y = sync_batch_norm(torch.randn(rank + 1, 8, 4, 4), rm, rv)
     """
     what = "sync_batch_norm"
-    _core.check_input(input, weight, bias, running_mean, running_var, False, what=what)
-    _core.check_momentum(momentum)
-    if running_mean is not None and momentum is None and num_batches_tracked is None:
-        raise ValueError(f"{what}: momentum=None (cumulative average) needs num_batches_tracked")
     if world_size(process_group) == 1:
-        from ..functional.batch_norm import batch_norm
-
         return batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps,
-                          num_batches_tracked=num_batches_tracked, check_finite=check_finite,
-                          backend="aten")  # fmt: skip
-    count, mean, var = _all_gather_moments(input, process_group)
-    if count < 2:
-        raise ValueError(
-            f"{what}: expected more than 1 value per channel across all processes when training, got {count}; "
-            f"use larger batches or model.eval()"
-        )
-    if check_finite:  # every rank sees the same global statistics, so all raise together
-        _core.check_finite_stats(mean, var, what=what)
-    work = _core.stat_dtype(input.dtype)
-    mean_w, var_w = mean.to(work), var.to(work)
-    y = _SyncBatchNormFunction.apply(input, weight, bias, mean_w, var_w, count, eps, process_group)
-    if running_mean is not None:
-        _core.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
-    return y
+                          num_batches_tracked=num_batches_tracked, check_finite=check_finite, backend="aten",
+                          precision_state=precision_state)  # fmt: skip
+    ref = next((t for t in (running_mean, weight, bias, input) if isinstance(t, Tensor)), None)
+    channels = ref.shape[0] if ref is not input else (input.shape[1] if input.dim() >= 2 else 0)
+    source = AllRanks(process_group, timeout, channels, ref.device if ref is not None else "cpu")
+    if handshake:
+        source.handshake()
+    try:
+        count = check_input(input, weight, bias, running_mean, running_var, training=True, what=what)
+        check_eps(eps, what)
+        check_momentum(momentum, what)
+        if running_mean is not None and momentum is None and num_batches_tracked is None:
+            raise InputError(f"{what}: momentum=None (cumulative average) needs num_batches_tracked")
+    except (InputError, InputTypeError):
+        source.reject(input)
+        raise
+    running = None if running_mean is None else Running(running_mean, running_var, num_batches_tracked)
+    return run(input, source, weight=weight, bias=bias, running=running, training=True, momentum=momentum, eps=eps,
+               count=count, check_finite=check_finite, backend="aten", state=precision_state, what=what)  # fmt: skip
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -213,23 +273,33 @@ class SyncBatchNorm(_BatchNorm):
         *,
         check_finite: bool = False,
         backend: str = "auto",
+        timeout: Optional[float] = DEFAULT_TIMEOUT_S,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          check_finite=check_finite, backend=backend)  # fmt: skip
         self.process_group = process_group
+        #: seconds to wait for the other ranks in each collective (None: the process group's timeout)
+        self.timeout = timeout
+        self._verified = False  # channel counts compared with the other ranks (first training call)
 
     def _forward(self, input: Tensor, residual=None, activation=None) -> Tensor:
         # only training synchronizes (torch.nn's rule): eval mode without running statistics uses
         # the local batch, so a rank evaluating alone (e.g. validation on rank 0) does not wait
         if not (self.training and world_size(self.process_group) > 1):
             return super()._forward(input, residual, activation)
-        self._check_input_dim(input)
-        if residual is not None and (not isinstance(residual, Tensor) or residual.shape != input.shape):
-            raise ValueError(f"SyncBatchNorm: residual must have the input's shape {tuple(input.shape)}")
+        try:
+            self._check_input_dim(input)
+        except (InputError, InputTypeError):  # join the exchange as a rejecting rank, so no rank waits
+            ref = self.running_mean if self.running_mean is not None else self.weight
+            AllRanks(self.process_group, self.timeout, self.num_features,
+                     ref.device if ref is not None else "cpu").reject(input)  # fmt: skip
+            raise
         running_mean, running_var, num_batches_tracked = self._running_stats_to_update()
         y = sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, self.momentum, self.eps,
                             num_batches_tracked=num_batches_tracked, process_group=self.process_group,
-                            check_finite=self.check_finite)  # fmt: skip
+                            check_finite=self.check_finite, timeout=self.timeout, handshake=not self._verified,
+                            precision_state=self._precision)  # fmt: skip
+        self._verified = True
         if residual is not None:
             y = y + residual
         return apply_activation(y, activation)

@@ -8,14 +8,16 @@ With ``x`` of shape ``(N, C, *spatial)``:
   ``normalized_shape``; elementwise affine of that shape;
 * **instance norm** (Ulyanov et al., 2016): statistics per (sample, channel) over
   ``*spatial``; per-channel affine. It is batch norm of the ``(1, N*C, *spatial)``
-  view, so it runs through the batch-norm statistics core
-  (:func:`batchnorm.functional._core.batch_moments_and_normalize`) and can keep running
+  view, so it is the normalization pipeline with
+  :class:`~batchnorm.functional.pipeline.PerInstance` as the source, and can keep running
   statistics like torch.nn's ``track_running_stats=True``.
 
 Each group is normalized as ``xhat = (x - mu) / sqrt(sigma^2 + eps)`` with the biased
 variance, then ``y = gamma * xhat + beta``. Group and layer norm call PyTorch's native
-kernels (``native_group_norm`` / ``native_layer_norm``, float32 accumulation for
-half inputs); the equivalences ``group_norm(G=1) == layer_norm over (C, *spatial)`` and
+kernels (``native_group_norm`` / ``native_layer_norm``, float32 accumulation for half
+inputs) under the one precision rule (:func:`~batchnorm.functional.stats.exact_norm`):
+exact at large offsets, where torch.nn's float32 group/layer norm lose ``ulp(mean)/std``.
+The equivalences ``group_norm(G=1) == layer_norm over (C, *spatial)`` and
 ``group_norm(G=C) == instance_norm`` hold with the same affine.
 """
 
@@ -23,50 +25,60 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
-import torch.nn.functional as F
+import torch
 from torch import Tensor
 
-from . import _core
+from ..errors import InputError, InputTypeError
+from .pipeline import THIS_BATCH, PerInstance, Running, check_eps, check_input, check_momentum, run
+from .stats import PrecisionState, exact_norm
 
 __all__ = ["group_norm", "layer_norm", "instance_norm", "check_num_groups"]
 
 
 def _check_tensor(x, what: str, min_dim: int) -> None:
     if not isinstance(x, Tensor):
-        raise TypeError(f"{what}: expected a torch.Tensor input, got {type(x).__name__}")
+        raise InputTypeError(f"{what}: expected a torch.Tensor input, got {type(x).__name__}")
     if not x.dtype.is_floating_point:
-        raise TypeError(f"{what}: input has dtype {x.dtype}; needs a floating-point input, e.g. x.float()")
+        raise InputTypeError(f"{what}: input has dtype {x.dtype}; needs a floating-point input, e.g. x.float()")
     if x.dim() < min_dim:
-        raise ValueError(f"{what}: expected at least {min_dim} dimensions, got shape {tuple(x.shape)}")
+        raise InputError(f"{what}: expected at least {min_dim} dimensions, got shape {tuple(x.shape)}")
 
 
 def _check_param(t, name: str, shape: tuple, x: Tensor, what: str) -> None:
     if t is None:
         return
     if not isinstance(t, Tensor):
-        raise TypeError(f"{what}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+        raise InputTypeError(f"{what}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
     if tuple(t.shape) != tuple(shape):
-        raise ValueError(
+        raise InputError(
             f"{what}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)} for input of shape {tuple(x.shape)}"
         )
     if t.device != x.device:
-        raise ValueError(f"{what}: {name} is on {t.device} but the input is on {x.device}; use module.to(x.device)")
+        raise InputError(f"{what}: {name} is on {t.device} but the input is on {x.device}; use module.to(x.device)")
+    if t.dtype != x.dtype and not (x.dtype in (torch.float16, torch.bfloat16) and t.dtype == torch.float32):
+        raise InputTypeError(f"{what}: {name} has dtype {t.dtype} but the input has dtype {x.dtype}; use the same dtype")
 
 
 def check_num_groups(num_groups, num_channels) -> None:
     """``num_groups`` must be a positive int dividing ``num_channels``."""
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
-        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+        raise InputError(f"num_groups must be a positive int, got {num_groups!r}")
     if num_channels % num_groups:
         divisors = [g for g in range(1, num_channels + 1) if num_channels % g == 0]
-        raise ValueError(
+        raise InputError(
             f"num_groups={num_groups} must divide the number of channels {num_channels}; "
             f"choose one of {divisors}"
         )
 
 
 def group_norm(
-    input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5
+    input: Tensor,
+    num_groups: int,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    *,
+    precision_state: Optional[PrecisionState] = None,
 ) -> Tensor:
     r"""Group normalization of an ``(N, C, *)`` input (Wu & He, 2018).
 
@@ -88,7 +100,23 @@ def group_norm(
     check_num_groups(num_groups, c)
     _check_param(weight, "weight", (c,), input, what)
     _check_param(bias, "bias", (c,), input, what)
-    return F.group_norm(input, num_groups, weight, bias, eps)
+    check_eps(eps, what)
+    n, g = input.shape[0], num_groups
+    if input.numel() == 0:
+        return torch.group_norm(input, g, weight, bias, eps)
+    hxw = input.numel() // (n * c)
+    per = c // g
+
+    def op(x):
+        return torch.native_group_norm(x, weight, bias, n, c, hxw, g, eps)
+
+    def expand(t):  # (N, G) -> broadcast over (N, C, *spatial)
+        return t.repeat_interleave(per, dim=1).view((n, c) + (1,) * (input.dim() - 2)).to(input.dtype)
+
+    def first(x):  # the first value of each group, (N, G)
+        return x[(slice(None), slice(None, None, per)) + (0,) * (x.dim() - 2)]
+
+    return exact_norm(input, op, first, expand, precision_state)
 
 
 def layer_norm(
@@ -97,6 +125,8 @@ def layer_norm(
     weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     eps: float = 1e-5,
+    *,
+    precision_state: Optional[PrecisionState] = None,
 ) -> Tensor:
     r"""Layer normalization over the trailing ``normalized_shape`` dimensions (Ba et al., 2016).
 
@@ -115,13 +145,24 @@ def layer_norm(
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     _check_tensor(input, what, max(len(shape), 1))
     if tuple(input.shape[input.dim() - len(shape):]) != shape:
-        raise ValueError(
+        raise InputError(
             f"{what}: the input's trailing dimensions {tuple(input.shape[input.dim() - len(shape):])} do not match "
             f"normalized_shape {shape} (input shape {tuple(input.shape)})"
         )
     _check_param(weight, "weight", shape, input, what)
     _check_param(bias, "bias", shape, input, what)
-    return F.layer_norm(input, shape, weight, bias, eps)
+    check_eps(eps, what)
+    if input.numel() == 0:
+        return torch.layer_norm(input, shape, weight, bias, eps)
+    lead = input.dim() - len(shape)
+
+    def op(x):
+        return torch.native_layer_norm(x, shape, weight, bias, eps)
+
+    def first(x):  # the first value of each normalized slice, shaped like native_layer_norm's mean
+        return x[(Ellipsis,) + (slice(0, 1),) * len(shape)] if lead >= 0 else x
+
+    return exact_norm(input, op, first, lambda t: t.to(input.dtype), precision_state)
 
 
 def instance_norm(
@@ -135,6 +176,8 @@ def instance_norm(
     eps: float = 1e-5,
     *,
     num_batches_tracked: Optional[Tensor] = None,
+    check_finite: bool = False,
+    precision_state: Optional[PrecisionState] = None,
 ) -> Tensor:
     r"""Instance normalization of an ``(N, C, *spatial)`` input (Ulyanov et al., 2016).
 
@@ -149,8 +192,9 @@ def instance_norm(
     over ``num_batches_tracked``, which torch.nn does not support). With
     ``use_input_stats=False`` the running statistics normalize (eval with tracking).
 
-    Same signature as :func:`torch.nn.functional.instance_norm` plus ``num_batches_tracked``.
-    Nothing is mutated when the call raises.
+    Same signature as :func:`torch.nn.functional.instance_norm` plus ``num_batches_tracked``,
+    ``check_finite`` (raise before any update if the input or the statistics are not finite)
+    and ``precision_state``. Nothing is mutated when the call raises.
 
     Example::
 
@@ -158,26 +202,27 @@ def instance_norm(
     """
     what = "instance_norm"
     _check_tensor(input, what, 3)
-    count = _core.check_input(input, weight, bias, running_mean, running_var, False, what=what)
-    _core.check_momentum(momentum)
+    count = check_input(input, weight, bias, running_mean, running_var, training=False, what=what)
+    check_eps(eps, what)
+    check_momentum(momentum, what)
+    running = None if running_mean is None else Running(running_mean, running_var, num_batches_tracked)
+    if not use_input_stats:
+        if running is None:
+            raise InputError(f"{what}: use_input_stats=False needs running_mean and running_var")
+        return run(input, THIS_BATCH, weight=weight, bias=bias, running=running, training=False, momentum=momentum,
+                   eps=eps, count=count, check_finite=check_finite, state=precision_state, what=what)  # fmt: skip
     n, c = input.shape[:2]
     k = count // n if n else 0
-    if not use_input_stats:
-        if running_mean is None:
-            raise ValueError(f"{what}: use_input_stats=False needs running_mean and running_var")
-        return _core.normalize_with_running_stats(input, running_mean, running_var, weight, bias, eps)
-    if k < 2:
-        raise ValueError(
-            f"{what}: expected more than 1 spatial value per instance, got input of shape {tuple(input.shape)}"
+    if input.numel() and k < 2:
+        raise InputError(
+            f"{what}: expected more than 1 spatial value per instance when using input statistics, got input of "
+            f"shape {tuple(input.shape)}"
         )
-    if running_mean is not None and momentum is None and num_batches_tracked is None:
-        raise ValueError(f"{what}: momentum=None (cumulative average) needs num_batches_tracked")
+    if running is not None and momentum is None and num_batches_tracked is None:
+        raise InputError(f"{what}: momentum=None (cumulative average) needs num_batches_tracked")
     flat = input.reshape((1, n * c) + tuple(input.shape[2:]))
     w = None if weight is None else weight.repeat(n)
     b = None if bias is None else bias.repeat(n)
-    y, mean, rstd = _core.batch_moments_and_normalize(flat, w, b, eps)
-    if running_mean is not None:
-        var = _core.var_from_rstd(rstd, eps).view(n, c).mean(0)
-        _core.update_running_stats(running_mean, running_var, num_batches_tracked, mean.view(n, c).mean(0), var, k,
-                                   momentum)  # fmt: skip
+    y = run(flat, PerInstance(n, c), weight=w, bias=b, running=running, training=True, momentum=momentum, eps=eps,
+            count=k, check_finite=check_finite, backend="aten", state=precision_state, what=what)  # fmt: skip
     return y.view(input.shape)

@@ -18,14 +18,13 @@ backward (``stop_gradient`` in the paper). Because they are per-channel constant
     \gamma' = \gamma\, r,\qquad \beta' = \gamma\, d + \beta
 
 so the layer is batch norm with this corrected affine; autograd carries
-``d gamma = r * d gamma' + d * d beta'``. The statistics are computed first, in one pass
-(:func:`batchnorm.functional._core.batch_moments`), to get ``r`` and ``d``; the
-normalization then runs through the native *inference* kernel with those statistics
-and the native *training* backward (:func:`batchnorm.functional._core.normalize_with_batch_stats`),
-so the layer moves as many bytes as plain batch norm. Off-centre batches (and
-float16/bfloat16 or compiled code) take the general path: the training kernel with the
-corrected affine, which recomputes the statistics. With ``r_max = 1, d_max = 0`` we get
-``r = 1, d = 0`` and batch renorm *is* batch norm, bit for bit.
+``d gamma = r * d gamma' + d * d beta'``. It is the normalization pipeline with
+:class:`~batchnorm.functional.pipeline.Renorm` as the statistics source: the statistics
+are computed first, in one pass under the one precision rule, to get ``r`` and ``d``; the
+normalization then runs through the one "given statistics" Function (native inference
+kernel forward, native training backward), so the layer moves as many bytes as plain
+batch norm. With ``r_max = 1, d_max = 0`` we get ``r = 1, d = 0`` and batch renorm *is*
+batch norm, bit for bit.
 """
 
 from __future__ import annotations
@@ -36,8 +35,10 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from . import _core
+from ..errors import InputError, InputTypeError
 from .batch_norm import batch_norm
+from .pipeline import Renorm, Running, check_eps, check_input, check_momentum, run
+from .stats import PrecisionState
 
 __all__ = ["batch_renorm", "RenormSchedule", "resolve_limit", "check_limits"]
 
@@ -105,15 +106,15 @@ def check_limits(r_max, d_max) -> None:
     """Raise ``ValueError``/``TypeError`` unless ``r_max >= 1`` and ``d_max >= 0`` (finite numbers)."""
     for name, v in (("r_max", r_max), ("d_max", d_max)):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"{name} must be a number or a callable step -> number, got {v!r}")
+            raise InputTypeError(f"{name} must be a number or a callable step -> number, got {v!r}")
         if not math.isfinite(v):
-            raise ValueError(f"{name} must be finite, got {v}")
+            raise InputError(f"{name} must be finite, got {v}")
     if r_max < 1:
-        raise ValueError(
+        raise InputError(
             f"r_max must be >= 1 (r is clipped to [1/r_max, r_max]), got {r_max}; r_max=1 gives plain batch norm"
         )
     if d_max < 0:
-        raise ValueError(f"d_max must be >= 0 (d is clipped to [-d_max, d_max]), got {d_max}; d_max=0 disables d")
+        raise InputError(f"d_max must be >= 0 (d is clipped to [-d_max, d_max]), got {d_max}; d_max=0 disables d")
 
 
 def resolve_limit(limit: Limit, step: int) -> float:
@@ -138,6 +139,7 @@ def batch_renorm(
     num_batches_tracked: Optional[Tensor] = None,
     check_finite: bool = False,
     backend: str = "auto",
+    precision_state: Optional[PrecisionState] = None,
 ) -> Tensor:
     r"""Batch renormalization of an ``(N, C, *)`` input (Ioffe, 2017).
 
@@ -162,36 +164,23 @@ def batch_renorm(
         >>> y = batch_renorm(x, rm, rv, training=True, r_max=3.0, d_max=5.0)
     """
     what = "batch_renorm"
-    _core.check_input(input, weight, bias, running_mean, running_var, training, what=what)
+    count = check_input(input, weight, bias, running_mean, running_var, training=training, what=what)
     check_limits(r_max, d_max)
     if running_mean is None:
-        raise ValueError(
+        raise InputError(
             f"{what}: needs running_mean and running_var (r and d are measured against them); "
             f"for batch statistics only use batchnorm.functional.batch_norm"
         )
-    _core.check_momentum(momentum)
+    check_eps(eps, what)
+    check_momentum(momentum, what)
     if not training or (r_max == 1 and d_max == 0):
         # inference, or r = 1 and d = 0 identically (e.g. the schedule's warm-up): batch norm itself
         return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                           num_batches_tracked=num_batches_tracked if training else None,
-                          check_finite=check_finite, backend=backend)  # fmt: skip
-    mean_b, var_b = _core.batch_moments(input)
-    work = mean_b.dtype
-    with torch.no_grad():
-        sigma = (running_var.to(work) + eps).sqrt()
-        r = ((var_b + eps).sqrt() / sigma).clamp(1.0 / r_max, r_max)
-        d = ((mean_b - running_mean.to(work)) / sigma).clamp(-d_max, d_max)
-    gamma = torch.ones_like(r) if weight is None else weight.to(work)
-    new_weight = gamma * r
-    new_bias = gamma * d if bias is None else gamma * d + bias.to(work)
-    if backend != "triton" and _core.can_normalize_with_batch_stats(input, new_weight, mean_b, var_b, eps):
-        # the statistics are known already: normalize without a second statistics pass
-        if check_finite:
-            _core.check_finite_stats(mean_b, var_b, what=what)
-        y = _core.normalize_with_batch_stats(input, new_weight, new_bias, mean_b, var_b, eps)
-        count = input.numel() // input.shape[1]
-        _core.update_running_stats(running_mean, running_var, num_batches_tracked, mean_b, var_b, count, momentum)
-        return y
-    # work is the statistics dtype: the parameters' own dtype, or float32 for half inputs
-    return batch_norm(input, running_mean, running_var, new_weight, new_bias, True, momentum, eps,
-                      num_batches_tracked=num_batches_tracked, check_finite=check_finite, backend=backend)  # fmt: skip
+                          check_finite=check_finite, backend=backend, precision_state=precision_state)  # fmt: skip
+    if momentum is None and num_batches_tracked is None:
+        raise InputError(f"{what}: momentum=None (cumulative average) needs num_batches_tracked")
+    return run(input, Renorm(r_max, d_max), weight=weight, bias=bias,
+               running=Running(running_mean, running_var, num_batches_tracked), training=True, momentum=momentum,
+               eps=eps, count=count, check_finite=check_finite, backend=backend, state=precision_state,
+               what=what)  # fmt: skip

@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..functional._core import check_momentum
+from ..functional.pipeline import check_eps, check_momentum
+from ..functional.stats import PrecisionState
 
 
 class NormBase(nn.Module):
@@ -62,9 +63,8 @@ class NormBase(nn.Module):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int (the channel count C), got {num_features!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        check_momentum(momentum)
+        check_eps(eps, type(self).__name__)
+        check_momentum(momentum, type(self).__name__)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
@@ -73,6 +73,8 @@ class NormBase(nn.Module):
         self.track_running_stats = track_running_stats
         self.check_finite = check_finite
         self.backend = backend
+        #: the off-centre decision carried across steps on a GPU (not state_dict state)
+        self._precision = PrecisionState()
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
             if bias:

@@ -46,6 +46,7 @@ class _BatchNorm(NormBase):
             activation=activation,
             check_finite=self.check_finite,
             backend=self.backend,
+            precision_state=self._precision,
         )
 
 

@@ -10,9 +10,9 @@ train and eval mode alike), under the names of ``torch.nn.BatchNorm2d``: a Batch
 checkpoint loads into a frozen module and back with ``strict=True`` (a checkpoint
 without ``num_batches_tracked``, e.g. torchvision's ``FrozenBatchNorm2d``, loads too).
 The forward is the native inference kernel, which applies ``x * s + t`` in one pass
-(channels whose ``|running_mean| >> std`` are first shifted, see
-:func:`batchnorm.functional._core.normalize_with_running_stats`); only ``dx = dy * s``
-is computed in the backward.
+(on the CPU, channels whose ``|running_mean| >> std`` are first shifted, see
+:func:`batchnorm.functional.stats.running_off_center`); only ``dx = dy * s`` is computed
+in the backward.
 
 :func:`freeze` and :func:`unfreeze` convert a model in place.
 """
@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as BF
+from ..functional.pipeline import check_eps
 from ._base import NormBase, copy_norm_values
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
@@ -45,8 +46,7 @@ class _FrozenBatchNorm(nn.Module):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int (the channel count C), got {num_features!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
+        check_eps(eps, type(self).__name__)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps

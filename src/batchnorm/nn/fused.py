@@ -18,7 +18,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..functional.batch_norm import ACTIVATIONS
+from ..functional.backends import ACTIVATIONS
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]

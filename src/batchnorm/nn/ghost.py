@@ -67,6 +67,7 @@ class _GhostBatchNorm(_BatchNorm):
             num_batches_tracked=num_batches_tracked,
             check_finite=self.check_finite,
             backend=self.backend,
+            precision_state=self._precision,
         )
 
     def _extra_init_kwargs(self) -> dict:

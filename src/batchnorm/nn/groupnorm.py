@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from ..functional.group_norm import check_num_groups, group_norm, instance_norm, layer_norm
+from ..functional.pipeline import check_eps
+from ..functional.stats import PrecisionState
 from ._base import NormBase
 
 __all__ = ["GroupNorm", "LayerNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
@@ -41,7 +43,9 @@ class GroupNorm(nn.Module):
         if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
             raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
         check_num_groups(num_groups, num_channels)
+        check_eps(eps, "GroupNorm")
         self.num_groups, self.num_channels, self.eps, self.affine = num_groups, num_channels, eps, affine
+        self._precision = PrecisionState()
         if affine:
             self.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
             self.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
@@ -61,7 +65,7 @@ class GroupNorm(nn.Module):
                 f"GroupNorm({self.num_groups}, {self.num_channels}): input has {input.shape[1]} channels "
                 f"(dimension 1 of shape {tuple(input.shape)}); expected {self.num_channels}"
             )
-        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps, precision_state=self._precision)
 
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
@@ -89,7 +93,9 @@ class LayerNorm(nn.Module):
         shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
         if not shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
             raise ValueError(f"normalized_shape must be positive int(s), got {normalized_shape!r}")
+        check_eps(eps, "LayerNorm")
         self.normalized_shape, self.eps, self.elementwise_affine = shape, eps, elementwise_affine
+        self._precision = PrecisionState()
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.ones(shape, **factory)) if elementwise_affine else None
         self.bias = nn.Parameter(torch.zeros(shape, **factory)) if elementwise_affine and bias else None
@@ -102,7 +108,8 @@ class LayerNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
-        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
+                          precision_state=self._precision)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
@@ -124,8 +131,10 @@ class _InstanceNorm(NormBase):
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = False,
-                 track_running_stats: bool = False, device=None, dtype=None) -> None:  # fmt: skip
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 track_running_stats: bool = False, device=None, dtype=None, *, bias: bool = True,
+                 check_finite: bool = False) -> None:  # fmt: skip
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+                         check_finite=check_finite)  # fmt: skip
 
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
@@ -137,7 +146,8 @@ class _InstanceNorm(NormBase):
         running_mean, running_var, num_batches_tracked = self._running_stats_to_update()
         y = instance_norm(input, running_mean, running_var, self.weight, self.bias,
                           use_input_stats=self._uses_batch_stats(), momentum=self.momentum, eps=self.eps,
-                          num_batches_tracked=num_batches_tracked)  # fmt: skip
+                          num_batches_tracked=num_batches_tracked, check_finite=self.check_finite,
+                          precision_state=self._precision)  # fmt: skip
         return y.squeeze(0) if unbatched else y
 
 

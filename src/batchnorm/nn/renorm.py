@@ -61,16 +61,33 @@ class _BatchRenorm(_BatchNorm):
         self.d_max = d_max
 
     def limits(self) -> tuple[float, float]:
-        """``(r_max, d_max)`` for the next training step (schedules evaluated at ``num_batches_tracked``)."""
-        step = int(self.num_batches_tracked)
+        """``(r_max, d_max)`` for the next training step (schedules evaluated at ``num_batches_tracked``).
+
+        Constant limits need no step count. A schedule needs it on the host: the module keeps a
+        Python mirror of ``num_batches_tracked``, advanced by its own training steps and re-read
+        from the buffer only after something else wrote it (``load_state_dict``, a reset), so a
+        GPU is not synchronized on every step.
+        """
+        if not (callable(self.r_max) or callable(self.d_max)):
+            return self.r_max, self.d_max
+        step = self._host_step()
         return resolve_limit(self.r_max, step), resolve_limit(self.d_max, step)
+
+    def _host_step(self) -> int:
+        buf = self.num_batches_tracked
+        key = (buf.data_ptr(), buf._version) if not buf.is_inference() else None
+        mirror = getattr(self, "_step_mirror", None)
+        if key is None or mirror is None or mirror[0] != key:
+            mirror = (key, int(buf))  # the buffer was written elsewhere: read it once
+        self._step_mirror = mirror
+        return mirror[1]
 
     def _forward(self, input: Tensor, residual=None, activation=None) -> Tensor:
         if residual is not None or activation is not None:
             raise ValueError(f"{type(self).__name__}: residual/activation fusion is not supported by batch renorm")
         self._check_input_dim(input)
         r_max, d_max = self.limits() if self.training else (1.0, 0.0)
-        return batch_renorm(
+        y = batch_renorm(
             input,
             self.running_mean,
             self.running_var,
@@ -84,7 +101,13 @@ class _BatchRenorm(_BatchNorm):
             num_batches_tracked=self.num_batches_tracked if self.training else None,
             check_finite=self.check_finite,
             backend=self.backend,
+            precision_state=self._precision,
         )
+        mirror = getattr(self, "_step_mirror", None)
+        if self.training and mirror is not None and mirror[0] is not None:  # our own increment: advance the mirror
+            buf = self.num_batches_tracked
+            self._step_mirror = ((buf.data_ptr(), buf._version), mirror[1] + 1)
+        return y
 
     def _extra_init_kwargs(self) -> dict:
         return {"r_max": self.r_max, "d_max": self.d_max}

@@ -12,7 +12,7 @@ model over ``K`` batches and sets, per BN and channel,
     \hat\sigma^2 = \frac{1}{n - 1}\Big(\sum_k M_{2,k} + \sum_k n_k (\mu_k - \hat\mu)^2\Big)
 
 where batch ``k`` has ``n_k`` values per channel with mean ``mu_k`` and
-``M_{2,k} = n_k * var_k`` (Chan et al.'s exact merge, :func:`batchnorm.functional._core.merge_moments`).
+``M_{2,k} = n_k * var_k`` (Chan et al.'s exact merge, :func:`batchnorm.functional.stats.merge`).
 This is the mean and (unbiased, PyTorch's convention for ``running_var``) variance of the
 union of all the batches - *not* the average of per-batch variances that
 ``momentum=None`` computes, which ignores the spread of the batch means and weights
@@ -27,7 +27,7 @@ from typing import Callable, Dict, Iterable, Optional
 import torch
 from torch import nn
 
-from ..functional._core import batch_moments, is_off_center, merge_moments, param_view
+from ..functional.stats import merge, moments, param_view
 from ._graph import bn_modules, has_running_stats, is_frozen
 
 __all__ = ["recalibrate"]
@@ -128,22 +128,14 @@ def recalibrate(
     def make_hook(name):
         def hook(bn, args):
             x = args[0]
-            mean, var = batch_moments(x)
-            n = x.numel() // x.shape[1] if x.shape[1] else 0
-            if x.dtype != torch.float64 and is_off_center(mean, var=var, eps=1e-30):
-                # Far from zero, a float32 mean is off by ulp(mean): that would leak into the
-                # between-batch term of the merge and into the normalization. Feed the BN the exactly
-                # shifted input x - s (s = mean rounded to x's dtype) with the small residual mean.
-                shift = mean.to(x.dtype)
-                xs = x - param_view(shift, x.dim())
-                res, var = batch_moments(xs)
-                bn.running_mean.copy_(res)
-                bn.running_var.copy_(var)
-                parts[name].append((n, shift.double() + res.double(), var.double() * n))
-                return (xs,) + tuple(args[1:])
-            bn.running_mean.copy_(mean)
-            bn.running_var.copy_(var)
-            parts[name].append((n, mean.double(), var.double() * n))
+            st = moments(x)  # the one precision rule: blocks for large reductions, a shift far from zero
+            parts[name].append((st.count, st.total_mean(torch.float64), st.var.double()))
+            bn.running_mean.copy_(st.mean)
+            bn.running_var.copy_(st.var)
+            if st.shift is not None:
+                # Far from zero, a float32 mean is off by ulp(mean): feed the BN the exactly shifted
+                # input x - s with the small residual mean, so its normalization stays exact too.
+                return (x - param_view(st.shift, x.dim()),) + tuple(args[1:])
             return None
 
         return hook
@@ -171,9 +163,8 @@ def recalibrate(
                 results[name] = None
                 continue
             counts = torch.tensor([p[0] for p in parts[name]], dtype=torch.float64)
-            n, mean, m2 = merge_moments(
-                counts, torch.stack([p[1] for p in parts[name]]), torch.stack([p[2] for p in parts[name]])
-            )
+            n, mean, var = merge(counts, torch.stack([p[1] for p in parts[name]]), torch.stack([p[2] for p in parts[name]]))
+            m2 = var * n
             if n < 2:
                 raise ValueError(
                     f"recalibrate: batch norm '{name}' saw {int(n)} value(s) per channel in total; "

@@ -1,14 +1,14 @@
-"""The two functions appended to functional/_core.py for the family: batch_moments and merge_moments."""
+"""batchnorm.functional.stats: moments (the one precision rule) and merge, against the float64 reference."""
 
 import numpy as np
 import pytest
 import torch
 
 from batchnorm import reference as R
-from batchnorm.functional._core import batch_moments, merge_moments
+from batchnorm.functional.stats import merge, moments
 from tolerances import REL_TOL, assert_rel_close
 
-from ._util import data, np64
+from family._util import data, np64
 
 F32 = REL_TOL[torch.float32]
 
@@ -24,7 +24,8 @@ F32 = REL_TOL[torch.float32]
 )
 def test_batch_moments_vs_reference(shape, dtype, offset, tol):
     x = data(shape, seed=1, dtype=dtype, offset=offset)
-    mean, var = batch_moments(x)
+    st = moments(x)
+    mean, var = st.total_mean(), st.var
     assert mean.dtype == var.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     st = R.moments(np64(x), R.batch_norm_axes(len(shape)))  # moments of the data as stored
     assert_rel_close(mean, st.mean, tol, "mean")
@@ -32,8 +33,8 @@ def test_batch_moments_vs_reference(shape, dtype, offset, tol):
 
 
 def test_batch_moments_empty():
-    mean, var = batch_moments(torch.empty(0, 4, 2))
-    assert torch.equal(mean, torch.zeros(4)) and torch.equal(var, torch.zeros(4))
+    st = moments(torch.empty(0, 4, 2))
+    assert torch.equal(st.mean, torch.zeros(4)) and torch.equal(st.var, torch.zeros(4)) and st.count == 0
 
 
 def test_merge_moments_vs_chan_merge():
@@ -42,12 +43,13 @@ def test_merge_moments_vs_chan_merge():
     counts = torch.tensor([float(p.shape[0]) for p in parts], dtype=torch.float64)
     means = torch.stack([p.mean(0) if len(p) else torch.zeros(3, dtype=torch.float64) for p in parts])
     m2s = torch.stack([((p - p.mean(0)) ** 2).sum(0) if len(p) else torch.zeros(3, dtype=torch.float64) for p in parts])
-    n, mean, m2 = merge_moments(counts, means, m2s)
+    n, mean, var = merge(counts, means, m2s / counts.clamp_min(1).unsqueeze(1))
+    m2 = var * n
     n_ref, mean_ref, m2_ref = R.chan_merge(counts.tolist(), np64(means), np64(m2s))
     assert int(n) == n_ref == 12
     assert_rel_close(mean, mean_ref, REL_TOL[torch.float64], "mean")
     assert_rel_close(m2, m2_ref, REL_TOL[torch.float64], "M2")
     whole = torch.cat(parts)
     assert_rel_close(m2, ((whole - whole.mean(0)) ** 2).sum(0), REL_TOL[torch.float64], "M2 vs whole")
-    n0, mean0, m20 = merge_moments(torch.zeros(2, dtype=torch.float64), torch.ones(2, 3), torch.ones(2, 3))
+    n0, mean0, m20 = merge(torch.zeros(2, dtype=torch.float64), torch.ones(2, 3), torch.ones(2, 3))
     assert int(n0) == 0 and np.all(np64(mean0) == 0) and np.all(np64(m20) == 0)  # empty parts contribute nothing
