@@ -48,9 +48,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import InputError, InputTypeError
-from ..functional.backends import apply_activation
 from ..functional.batch_norm import batch_norm
-from ..functional.pipeline import Running, ThisBatch, check_eps, check_input, check_momentum, run
+from ..functional.pipeline import THIS_BATCH, ThisBatch, run
 from ..functional.stats import BatchStats, PrecisionState, merge, moments, off_center, stat_dtype
 from ..nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
@@ -117,6 +116,16 @@ class AllRanks(ThisBatch):
         _wait("all_gather of batch statistics", dist.all_gather(parts, packed, group=self.group, async_op=True),
               self.timeout, self.group)  # fmt: skip
         return torch.stack(parts)
+
+    @classmethod
+    def for_call(cls, process_group, timeout, x, *params) -> "AllRanks":
+        """The source for one call: the channel count from the parameters (the layer's, which every
+        rank shares) or else the input, on their device."""
+        ref = next((t for t in params if isinstance(t, Tensor)), None)
+        if ref is not None:
+            return cls(process_group, timeout, ref.shape[0], ref.device)
+        ok = isinstance(x, Tensor) and x.dim() >= 2
+        return cls(process_group, timeout, x.shape[1] if ok else 0, x.device if isinstance(x, Tensor) else "cpu")
 
     def handshake(self) -> None:
         """Compare the channel count with every rank's in a fixed-size exchange (a module's first call):
@@ -221,23 +230,11 @@ def sync_batch_norm(
         return batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps,
                           num_batches_tracked=num_batches_tracked, check_finite=check_finite, backend="aten",
                           precision_state=precision_state)  # fmt: skip
-    ref = next((t for t in (running_mean, weight, bias, input) if isinstance(t, Tensor)), None)
-    channels = ref.shape[0] if ref is not input else (input.shape[1] if input.dim() >= 2 else 0)
-    source = AllRanks(process_group, timeout, channels, ref.device if ref is not None else "cpu")
+    source = AllRanks.for_call(process_group, timeout, input, running_mean, weight, bias)
     if handshake:
         source.handshake()
-    try:
-        count = check_input(input, weight, bias, running_mean, running_var, training=True, what=what)
-        check_eps(eps, what)
-        check_momentum(momentum, what)
-        if running_mean is not None and momentum is None and num_batches_tracked is None:
-            raise InputError(f"{what}: momentum=None (cumulative average) needs num_batches_tracked")
-    except (InputError, InputTypeError):
-        source.reject(input)
-        raise
-    running = None if running_mean is None else Running(running_mean, running_var, num_batches_tracked)
-    return run(input, source, weight=weight, bias=bias, running=running, training=True, momentum=momentum, eps=eps,
-               count=count, check_finite=check_finite, backend="aten", state=precision_state, what=what)  # fmt: skip
+    return run(input, source, weight, bias, running_mean, running_var, num_batches_tracked, True, momentum, eps,
+               check_finite=check_finite, backend="aten", state=precision_state, what="sync_batch_norm")
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -282,27 +279,17 @@ class SyncBatchNorm(_BatchNorm):
         self.timeout = timeout
         self._verified = False  # channel counts compared with the other ranks (first training call)
 
-    def _forward(self, input: Tensor, residual=None, activation=None) -> Tensor:
+    def _source(self) -> ThisBatch:
         # only training synchronizes (torch.nn's rule): eval mode without running statistics uses
         # the local batch, so a rank evaluating alone (e.g. validation on rank 0) does not wait
-        if not (self.training and world_size(self.process_group) > 1):
-            return super()._forward(input, residual, activation)
-        try:
-            self._check_input_dim(input)
-        except (InputError, InputTypeError):  # join the exchange as a rejecting rank, so no rank waits
-            ref = self.running_mean if self.running_mean is not None else self.weight
-            AllRanks(self.process_group, self.timeout, self.num_features,
-                     ref.device if ref is not None else "cpu").reject(input)  # fmt: skip
-            raise
-        running_mean, running_var, num_batches_tracked = self._running_stats_to_update()
-        y = sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, self.momentum, self.eps,
-                            num_batches_tracked=num_batches_tracked, process_group=self.process_group,
-                            check_finite=self.check_finite, timeout=self.timeout, handshake=not self._verified,
-                            precision_state=self._precision)  # fmt: skip
-        self._verified = True
-        if residual is not None:
-            y = y + residual
-        return apply_activation(y, activation)
+        if not self.training or world_size(self.process_group) == 1:
+            return THIS_BATCH
+        ref = self.running_mean if self.running_mean is not None else self.weight
+        source = AllRanks(self.process_group, self.timeout, self.num_features, ref.device if ref is not None else "cpu")
+        if not self._verified:  # first training call: compare the layer's channel count with the other ranks'
+            source.handshake()
+            self._verified = True
+        return source
 
 
 _PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNorm1d, BatchNorm2d, BatchNorm3d)

@@ -37,7 +37,7 @@ from ..errors import InputError
 from ..kernels import is_available as triton_available
 from .normalize import affine_args
 
-__all__ = ["Aten", "Triton", "select", "ACTIVATIONS", "BACKENDS", "apply_activation", "triton_available"]
+__all__ = ["Aten", "Triton", "select", "ACTIVATIONS", "BACKENDS", "apply_activation", "epilogue", "triton_available"]
 
 #: activations that can follow the normalization (fused by the Triton backend)
 ACTIVATIONS = ("identity", "relu", "silu")
@@ -55,7 +55,8 @@ def apply_activation(y: Tensor, activation: Optional[str]) -> Tensor:
     raise InputError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}")
 
 
-def _epilogue(y: Tensor, residual: Optional[Tensor], activation: Optional[str]) -> Tensor:
+def epilogue(y: Tensor, residual: Optional[Tensor], activation: Optional[str]) -> Tensor:
+    """``act(y + residual)``: what the Triton kernels fuse, as separate ops."""
     if residual is not None:
         y = y + residual
     return apply_activation(y, activation)
@@ -73,7 +74,9 @@ class Aten:
         w, b = affine_args(x, weight, bias)
         rm, rv = running if running is not None else (None, None)
         y, mean, rstd = torch.native_batch_norm(x, w, b, rm, rv, True, factor, eps)
-        return _epilogue(y, residual, activation), mean.detach(), rstd.detach()
+        if residual is not None or activation is not None:
+            y = epilogue(y, residual, activation)
+        return y, mean, rstd  # the statistics outputs are not differentiable: nothing to detach
 
     @staticmethod
     def infer(x, mean, var, weight, bias, eps, residual, activation, shift=None):
@@ -84,7 +87,7 @@ class Aten:
             x = x - shift.view((1, -1) + (1,) * (x.dim() - 2))
             mean = mean - shift.to(mean.dtype)
         y = torch.native_batch_norm(x, w, b, mean, var, False, 0.0, eps)[0]
-        return _epilogue(y, residual, activation)
+        return epilogue(y, residual, activation)
 
 
 class Triton:

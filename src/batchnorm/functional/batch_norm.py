@@ -6,8 +6,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..errors import InputError
-from .pipeline import THIS_BATCH, Running, check_activation, check_eps, check_input, check_momentum, run
+from .pipeline import THIS_BATCH, run
 from .stats import PrecisionState
 
 __all__ = ["batch_norm"]
@@ -76,16 +75,5 @@ def batch_norm(
         >>> y = batch_norm(x, rm, rv, training=True)           # updates rm, rv
         >>> y_eval = batch_norm(x, rm, rv, training=False)     # uses them
     """
-    what = "batch_norm"
-    count = check_input(input, weight, bias, running_mean, running_var, training=training, residual=residual, what=what)
-    check_eps(eps, what)
-    check_momentum(momentum, what)
-    check_activation(activation, what)
-    if training and running_mean is not None and momentum is None and num_batches_tracked is None:
-        raise InputError(f"{what}: momentum=None (cumulative average) needs num_batches_tracked")
-    if not training and running_mean is None:
-        raise InputError(f"{what}: inference (training=False) needs running_mean and running_var")
-    running = None if running_mean is None else Running(running_mean, running_var, num_batches_tracked)
-    return run(input, THIS_BATCH, weight=weight, bias=bias, running=running, training=training, momentum=momentum,
-               eps=eps, count=count, residual=residual, activation=activation, check_finite=check_finite,
-               backend=backend, state=precision_state, what=what)  # fmt: skip
+    return run(input, THIS_BATCH, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum,
+               eps, residual, activation, check_finite, backend, precision_state)

@@ -35,8 +35,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..errors import InputError
-from .pipeline import Running, Virtual, check_eps, check_input, check_momentum, run
+from .pipeline import THIS_BATCH, Virtual, run
 from .stats import PrecisionState
 
 __all__ = ["ghost_batch_norm", "check_virtual_batch_size"]
@@ -44,8 +43,7 @@ __all__ = ["ghost_batch_norm", "check_virtual_batch_size"]
 
 def check_virtual_batch_size(virtual_batch_size) -> None:
     """``virtual_batch_size`` must be a positive int."""
-    if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
-        raise InputError(f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
+    Virtual(virtual_batch_size)
 
 
 def ghost_batch_norm(
@@ -83,36 +81,8 @@ def ghost_batch_norm(
         >>> rm, rv = torch.zeros(8), torch.ones(8)
         >>> y = ghost_batch_norm(x, rm, rv, training=True, virtual_batch_size=16)
     """
-    what = "ghost_batch_norm"
-    count = check_input(input, weight, bias, running_mean, running_var, training=training, what=what)
-    check_eps(eps, what)
-    check_momentum(momentum, what)
-    check_virtual_batch_size(virtual_batch_size)
-    if not training and running_mean is None:
-        raise InputError(f"{what}: inference (training=False) needs running_mean and running_var")
-    n = input.shape[0]
-    if training and n > 0:
-        if virtual_batch_size > n:
-            raise InputError(
-                f"{what}: virtual_batch_size={virtual_batch_size} is larger than the batch ({n} samples); "
-                f"use virtual_batch_size <= {n} or a larger batch (plain batch norm is batchnorm.BatchNorm*d)"
-            )
-        per_sample = count // n
-        last = n % virtual_batch_size
-        if virtual_batch_size * per_sample < 2:
-            raise InputError(
-                f"{what}: virtual batches of {virtual_batch_size} sample(s) have {virtual_batch_size * per_sample} "
-                f"value per channel, which cannot be normalized; use a larger virtual_batch_size"
-            )
-        if last and last * per_sample < 2:
-            raise InputError(
-                f"{what}: the batch of {n} samples leaves a last virtual batch of {last} sample(s) "
-                f"({last * per_sample} value(s) per channel), which cannot be normalized; choose a "
-                f"virtual_batch_size that divides {n} or leaves at least 2 values per channel"
-            )
-        if running_mean is not None and momentum is None and num_batches_tracked is None:
-            raise InputError(f"{what}: momentum=None (cumulative average) needs num_batches_tracked")
-    running = None if running_mean is None else Running(running_mean, running_var, num_batches_tracked)
-    return run(input, Virtual(virtual_batch_size), weight=weight, bias=bias, running=running, training=training,
-               momentum=momentum, eps=eps, count=count, check_finite=check_finite, backend=backend,
-               state=precision_state, what=what)  # fmt: skip
+    source = Virtual(virtual_batch_size) if training else THIS_BATCH
+    if not training:
+        check_virtual_batch_size(virtual_batch_size)
+    return run(input, source, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+               check_finite=check_finite, backend=backend, state=precision_state, what="ghost_batch_norm")

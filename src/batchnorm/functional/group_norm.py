@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError, InputTypeError
-from .pipeline import THIS_BATCH, PerInstance, Running, check_eps, check_input, check_momentum, run
+from .pipeline import THIS_BATCH, PerInstance, check_eps, check_input, check_momentum, run
 from .stats import PrecisionState, exact_norm
 
 __all__ = ["group_norm", "layer_norm", "instance_norm", "check_num_groups"]
@@ -202,15 +202,14 @@ def instance_norm(
     """
     what = "instance_norm"
     _check_tensor(input, what, 3)
+    if not use_input_stats:  # eval with tracked statistics: batch norm inference
+        if running_mean is None:
+            raise InputError(f"{what}: use_input_stats=False needs running_mean and running_var")
+        return run(input, THIS_BATCH, weight, bias, running_mean, running_var, None, False, momentum, eps,
+                   check_finite=check_finite, state=precision_state, what=what)  # fmt: skip
     count = check_input(input, weight, bias, running_mean, running_var, training=False, what=what)
     check_eps(eps, what)
     check_momentum(momentum, what)
-    running = None if running_mean is None else Running(running_mean, running_var, num_batches_tracked)
-    if not use_input_stats:
-        if running is None:
-            raise InputError(f"{what}: use_input_stats=False needs running_mean and running_var")
-        return run(input, THIS_BATCH, weight=weight, bias=bias, running=running, training=False, momentum=momentum,
-                   eps=eps, count=count, check_finite=check_finite, state=precision_state, what=what)  # fmt: skip
     n, c = input.shape[:2]
     k = count // n if n else 0
     if input.numel() and k < 2:
@@ -218,11 +217,11 @@ def instance_norm(
             f"{what}: expected more than 1 spatial value per instance when using input statistics, got input of "
             f"shape {tuple(input.shape)}"
         )
-    if running is not None and momentum is None and num_batches_tracked is None:
+    if running_mean is not None and momentum is None and num_batches_tracked is None:
         raise InputError(f"{what}: momentum=None (cumulative average) needs num_batches_tracked")
     flat = input.reshape((1, n * c) + tuple(input.shape[2:]))
     w = None if weight is None else weight.repeat(n)
     b = None if bias is None else bias.repeat(n)
-    y = run(flat, PerInstance(n, c), weight=w, bias=b, running=running, training=True, momentum=momentum, eps=eps,
-            count=k, check_finite=check_finite, backend="aten", state=precision_state, what=what)  # fmt: skip
+    y = run(flat, PerInstance(n, c), w, b, running_mean, running_var, num_batches_tracked, True, momentum, eps,
+            check_finite=check_finite, backend="aten", state=precision_state, what=what, count=k)  # fmt: skip
     return y.view(input.shape)

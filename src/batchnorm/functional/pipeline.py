@@ -33,10 +33,10 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError, InputTypeError, NonFiniteError
-from .backends import ACTIVATIONS, Aten, select
+from .backends import ACTIVATIONS, epilogue, select
 from .normalize import normalize
-from .stats import (BatchStats, PrecisionState, centering, host_reads_ok, moments, param_view, redo_centred,
-                    running_off_center, stat_dtype)  # fmt: skip
+from .stats import (NOTHING, BatchStats, PrecisionState, centering, host_reads_ok, moments, needs_blocks, param_view,
+                    recentre, running_off_center, stat_dtype)  # fmt: skip
 
 __all__ = [
     "run", "Running", "ThisBatch", "THIS_BATCH", "Virtual", "Renorm", "PerInstance", "check_input", "check_eps",
@@ -54,15 +54,24 @@ def _param_dtype_ok(param: torch.dtype, x: torch.dtype) -> bool:
 
 
 def check_input(x, weight, bias, running_mean, running_var, *, training: bool, residual=None,
-                what: str = "batch_norm") -> int:  # fmt: skip
+                what: str = "batch_norm", dims: Optional[tuple] = None, num_features: Optional[int] = None) -> int:
     """Validate a call before anything is computed; return the number of values per channel.
 
+    ``dims`` (accepted input ranks) and ``num_features`` are a module's, for its messages.
     Raises :class:`~batchnorm.errors.InputError` / :class:`~batchnorm.errors.InputTypeError`
     (also ``ValueError``/``TypeError`` and ``RuntimeError``) with a message that says what
     to do. Reads metadata only.
     """
     if not isinstance(x, Tensor):
         raise InputTypeError(f"{what}: expected a torch.Tensor input, got {type(x).__name__}")
+    if dims and x.dim() not in dims:
+        raise InputError(f"{what}: expected {' or '.join(f'{d}D' for d in dims)} input, got {x.dim()}D input of "
+                         f"shape {tuple(x.shape)}")  # fmt: skip
+    if num_features is not None and x.dim() >= 2 and x.shape[1] != num_features:
+        raise InputError(
+            f"{what}({num_features}): input has {x.shape[1]} channels (dimension 1 of shape {tuple(x.shape)}); "
+            f"expected {num_features}. Check num_features, or permute channels-last data to (N, C, ...) first."
+        )
     if not x.dtype.is_floating_point:
         raise InputTypeError(
             f"{what}: input has dtype {x.dtype}; batch norm needs a floating-point input "
@@ -73,6 +82,37 @@ def check_input(x, weight, bias, running_mean, running_var, *, training: bool, r
             f"{what}: expected an input of shape (N, C, *) with at least 2 dimensions, "
             f"got shape {tuple(x.shape)}. For a single sample use x.unsqueeze(0)."
         )
+    c = x.shape[1]
+    shape, dev, dt = (c,), x.device, x.dtype
+    half = dt in _HALF
+    for t in (weight, bias, running_mean, running_var):  # fast path: one test per tensor, messages below
+        if t is not None and not (isinstance(t, Tensor) and t.shape == shape and t.device == dev
+                                  and (t.dtype == dt or (half and t.dtype == torch.float32))):  # fmt: skip
+            _explain_params(x, weight, bias, running_mean, running_var, what)
+    if (running_mean is None) != (running_var is None):
+        raise InputError(f"{what}: pass both running_mean and running_var, or neither")
+    if residual is not None:
+        if not isinstance(residual, Tensor) or residual.shape != x.shape:
+            shape = tuple(residual.shape) if isinstance(residual, Tensor) else type(residual).__name__
+            raise InputError(f"{what}: residual must have the input's shape {tuple(x.shape)}, got {shape}")
+        if residual.dtype != x.dtype or residual.device != x.device:
+            raise InputTypeError(
+                f"{what}: residual has dtype {residual.dtype} on {residual.device} but the input has dtype "
+                f"{x.dtype} on {x.device}; convert it first, e.g. residual.to(x)."
+            )
+    count = x.numel() // c if c else 0
+    if training and count == 1:
+        raise InputError(
+            f"{what}: expected more than 1 value per channel when training, got input of shape "
+            f"{tuple(x.shape)} ({count} value per channel). Use a larger batch, call "
+            f"model.eval() to use the running statistics, or use a norm that does not need "
+            f"batch statistics (batchnorm.GroupNorm / LayerNorm)."
+        )
+    return count
+
+
+def _explain_params(x, weight, bias, running_mean, running_var, what: str) -> None:
+    """Raise the error that says what is wrong with a parameter or buffer (the slow path of :func:`check_input`)."""
     c = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         if t is None:
@@ -95,26 +135,6 @@ def check_input(x, weight, bias, running_mean, running_var, *, training: bool, r
                 f"{what}: {name} has dtype {t.dtype} but the input has dtype {x.dtype}; "
                 f"use the same dtype (float32 parameters are also accepted for float16/bfloat16 inputs)."
             )
-    if (running_mean is None) != (running_var is None):
-        raise InputError(f"{what}: pass both running_mean and running_var, or neither")
-    if residual is not None:
-        if not isinstance(residual, Tensor) or residual.shape != x.shape:
-            shape = tuple(residual.shape) if isinstance(residual, Tensor) else type(residual).__name__
-            raise InputError(f"{what}: residual must have the input's shape {tuple(x.shape)}, got {shape}")
-        if residual.dtype != x.dtype or residual.device != x.device:
-            raise InputTypeError(
-                f"{what}: residual has dtype {residual.dtype} on {residual.device} but the input has dtype "
-                f"{x.dtype} on {x.device}; convert it first, e.g. residual.to(x)."
-            )
-    count = x.numel() // c if c else 0
-    if training and count == 1:
-        raise InputError(
-            f"{what}: expected more than 1 value per channel when training, got input of shape "
-            f"{tuple(x.shape)} ({count} value per channel). Use a larger batch, call "
-            f"model.eval() to use the running statistics, or use a norm that does not need "
-            f"batch statistics (batchnorm.GroupNorm / LayerNorm)."
-        )
-    return count
 
 
 def check_eps(eps, what: str = "batch_norm") -> None:
@@ -207,6 +227,12 @@ class ThisBatch:
     chunk: Optional[int] = None
     hook: Optional[Callable] = None
 
+    def check(self, x: Tensor, count: int, what: str) -> None:
+        """Source-specific validation of a training call (shapes only); raise to reject it."""
+
+    def reject(self, x) -> None:
+        """Called when the call is rejected, before the error propagates (SyncBatchNorm tells the other ranks)."""
+
     def stats(self, x: Tensor, state: Optional[PrecisionState]) -> BatchStats:
         return moments(x, state)
 
@@ -229,7 +255,29 @@ class Virtual(ThisBatch):
     in_kernel = False
 
     def __init__(self, v: int) -> None:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise InputError(f"virtual_batch_size must be a positive int, got {v!r}")
         self.chunk = v
+
+    def check(self, x: Tensor, count: int, what: str) -> None:
+        n, v = x.shape[0], self.chunk
+        if n == 0:
+            return
+        if v > n:
+            raise InputError(
+                f"{what}: virtual_batch_size={v} is larger than the batch ({n} samples); "
+                f"use virtual_batch_size <= {n} or a larger batch (plain batch norm is batchnorm.BatchNorm*d)"
+            )
+        per_sample, last = count // n, n % v
+        if v * per_sample < 2:
+            raise InputError(f"{what}: virtual batches of {v} sample(s) have {v * per_sample} value per channel, "
+                             f"which cannot be normalized; use a larger virtual_batch_size")  # fmt: skip
+        if last and last * per_sample < 2:
+            raise InputError(
+                f"{what}: the batch of {n} samples leaves a last virtual batch of {last} sample(s) "
+                f"({last * per_sample} value(s) per channel), which cannot be normalized; choose a "
+                f"virtual_batch_size that divides {n} or leaves at least 2 values per channel"
+            )
 
     def stats(self, x: Tensor, state: Optional[PrecisionState]) -> BatchStats:
         return moments(x, state, chunk=self.chunk)
@@ -298,90 +346,102 @@ def _traced(x, weight, bias, running, training, momentum, eps, residual, activat
             if momentum is None:
                 factor = 1.0 / float(running.count)
     y = torch.batch_norm(x, weight, bias, rm, rv, training, factor, eps, torch.backends.cudnn.enabled)
-    if residual is not None:
-        y = y + residual
-    from .backends import apply_activation
-
-    return apply_activation(y, activation)
+    return epilogue(y, residual, activation)
 
 
 def run(
     x: Tensor,
     source: ThisBatch,
-    *,
     weight: Optional[Tensor],
     bias: Optional[Tensor],
-    running: Optional[Running],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
     training: bool,
     momentum: Optional[float],
     eps: float,
-    count: int,
     residual: Optional[Tensor] = None,
     activation: Optional[str] = None,
     check_finite: bool = False,
     backend: str = "auto",
     state: Optional[PrecisionState] = None,
     what: str = "batch_norm",
+    dims: Optional[tuple] = None,
+    num_features: Optional[int] = None,
+    count: Optional[int] = None,
 ) -> Tensor:
-    """Normalize a validated call (see the module docstring); ``count`` is from :func:`check_input`."""
+    """One call of a batch-statistics norm: validate -> statistics -> check -> normalize -> update.
+
+    ``source`` gives the training statistics (see the module docstring); ``training=False`` uses
+    the running statistics. Validation comes first and reads metadata only; a rejected call
+    raises before anything is computed (``source.reject`` lets SyncBatchNorm's other ranks
+    know). ``count`` skips validation for a caller that validated already (instance norm,
+    which runs on a reshaped view). Then one of three paths: inference with the running
+    statistics; the *fused* path (the statistics computed by the backend while it normalizes:
+    one native call for plain batch norm, with the running update inside the kernel when
+    nothing needs checking first); and the *given* path (the source computes the statistics,
+    the one normalize Function applies them).
+    """
+    if count is None:
+        try:
+            count = check_input(x, weight, bias, running_mean, running_var, training=training, residual=residual,
+                                what=what, dims=dims, num_features=num_features)  # fmt: skip
+            check_eps(eps, what)
+            check_momentum(momentum, what)
+            if activation is not None:
+                check_activation(activation, what)
+            if running_mean is None:
+                if not training:
+                    raise InputError(f"{what}: inference (training=False) needs running_mean and running_var")
+            elif training and momentum is None and num_batches_tracked is None:
+                raise InputError(f"{what}: momentum=None (cumulative average) needs num_batches_tracked")
+            if training:
+                source.check(x, count, what)
+        except (InputError, InputTypeError):
+            source.reject(x)
+            raise
+    running = None if running_mean is None else Running(running_mean, running_var, num_batches_tracked)
     if x.numel() == 0 and source.hook is None:  # (a rank of SyncBatchNorm still joins its collectives)
         return _empty_output(x, weight, bias)
     if torch.jit.is_tracing():
         return _traced(x, weight, bias, running, training, momentum, eps, residual, activation)
-    be = select(backend, x, fused=residual is not None or activation not in (None, "identity"))
-    if not training:  # the running statistics are the source
-        if check_finite and not bool(torch.isfinite(x).all()):
-            raise NonFiniteError(f"{what}: the input contains NaN or Inf")
-        shift = None
-        if x.dtype != torch.float64 and (torch.compiler.is_compiling()
-                                         or running_off_center(running.mean, running.var, eps)):  # fmt: skip
-            shift = running.mean.detach().to(x.dtype)
-        return be.infer(x, running.mean, running.var, weight, bias, eps, residual, activation, shift)
-
-    if source.fusable and (be.centres_itself or not _blocked(x)):
-        y, stats, updated = _fused(x, source, be, weight, bias, eps, residual, activation, running, momentum,
-                                   check_finite, state, count)  # fmt: skip
-        pooled = source.pooled(stats)
-    else:
-        stats = source.stats(x, state)
-        pooled = source.pooled(stats)
-        if check_finite:
-            check_finite_stats(pooled, running, what)
-        w, b = source.affine(stats, weight, bias, running, eps)
-        y = normalize(x, stats, w, b, eps, chunk=source.chunk, hook=source.hook)
-        if residual is not None or activation not in (None, "identity"):
-            from .backends import _epilogue
-
-            y = _epilogue(y, residual, activation)
-        updated = False
+    be = select(backend, x, fused=residual is not None or (activation is not None and activation != "identity"))
+    if not training:
+        return _infer(x, be, weight, bias, running, eps, residual, activation, check_finite, what)
+    if source.fusable and (be.centres_itself or not needs_blocks(x, count)):
+        return _train_fused(x, source, be, weight, bias, running, momentum, eps, count, residual, activation,
+                            check_finite, state, what)  # fmt: skip
+    stats = source.stats(x, state)
+    pooled = source.pooled(stats)
+    if check_finite:
+        check_finite_stats(pooled, running, what)
+    w, b = source.affine(stats, weight, bias, running, eps)
+    y = normalize(x, stats, w, b, eps, chunk=source.chunk, hook=source.hook)
+    if residual is not None or activation is not None:
+        y = epilogue(y, residual, activation)
     if running is not None:
-        if updated:
-            if running.count is not None:
-                running.count.add_(1)
-        else:
-            update_running(running, pooled, momentum)
+        update_running(running, pooled, momentum)
     return y
 
 
-def _blocked(x: Tensor) -> bool:
-    from .stats import _blocks
+def _infer(x, be, weight, bias, running, eps, residual, activation, check_finite, what) -> Tensor:
+    """Eval mode: the running statistics are the source (shifted first where the CPU kernel would cancel)."""
+    if check_finite and not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"{what}: the input contains NaN or Inf")
+    shift = None
+    if x.dtype != torch.float64 and (torch.compiler.is_compiling() or running_off_center(running.mean, running.var, eps)):
+        shift = running.mean.detach().to(x.dtype)
+    return be.infer(x, running.mean, running.var, weight, bias, eps, residual, activation, shift)
 
-    return _blocks(x) is not None
 
-
-def _fused(x, source, be, weight, bias, eps, residual, activation, running, momentum, check_finite, state, count):
-    """Statistics and output from one backend call; returns ``(y, stats, updated_in_kernel)``."""
-    shift = None if be.centres_itself else centering(x, state)
+def _train_fused(x, source, be, weight, bias, running, momentum, eps, count, residual, activation, check_finite, state,
+                 what) -> Tensor:  # fmt: skip
+    """Statistics and output from one backend call, then the running update (inside the kernel if possible)."""
+    shift, then = (None, NOTHING) if be.centres_itself else centering(x, state)
     factor = 0.0
-    in_kernel = (
-        running is not None
-        and be.updates_in_kernel
-        and source.in_kernel
-        and not check_finite
-        and shift is None
-        and running.mean.dtype == running.var.dtype == stat_dtype(x.dtype)
-        and not torch.compiler.is_compiling()
-    )
+    in_kernel = (running is not None and source.in_kernel and be.updates_in_kernel and not check_finite
+                 and shift is None and running.mean.dtype == running.var.dtype == stat_dtype(x.dtype)
+                 and not torch.compiler.is_compiling())  # fmt: skip
     if in_kernel:
         if momentum is not None:
             factor = float(momentum)
@@ -390,9 +450,9 @@ def _fused(x, source, be, weight, bias, eps, residual, activation, running, mome
         else:
             in_kernel = False  # the cumulative factor would need a host read of the counter
     xs = x if shift is None else x - param_view(shift, x.dim())
-    buffers = (running.mean, running.var) if in_kernel else None
-    y, mean, rstd = be.train(xs, weight, bias, eps, residual, activation, buffers, factor)
-    if not be.centres_itself and redo_centred(x, mean, rstd, state, shift):
+    y, mean, rstd = be.train(xs, weight, bias, eps, residual, activation,
+                             (running.mean, running.var) if in_kernel else None, factor)  # fmt: skip
+    if then and recentre(then, mean, rstd, state, shift):
         shift = mean.to(x.dtype)
         y, mean_c, rstd_c = be.train(x - param_view(shift, x.dim()), weight, bias, eps, residual, activation)
         if in_kernel:  # the kernel updated with the imprecise statistics: add the difference
@@ -401,7 +461,14 @@ def _fused(x, source, be, weight, bias, eps, residual, activation, running, mome
                 running.mean.add_(mean_c + shift.to(mean_c.dtype) - mean, alpha=factor)
                 running.var.add_((_var_from_rstd(rstd_c, eps) - _var_from_rstd(rstd, eps)) * unbiased, alpha=factor)
         mean, rstd = mean_c, rstd_c
-    stats = BatchStats(mean, _var_from_rstd(rstd, eps), count, shift)
-    if check_finite:
-        check_finite_stats(source.pooled(stats), running, "batch_norm")
-    return y, stats, in_kernel
+    if in_kernel:
+        if running.count is not None:
+            running.count.add_(1)
+        return y
+    if check_finite or running is not None:
+        pooled = source.pooled(BatchStats(mean, _var_from_rstd(rstd, eps), count, shift))
+        if check_finite:
+            check_finite_stats(pooled, running, what)
+        if running is not None:
+            update_running(running, pooled, momentum)
+    return y

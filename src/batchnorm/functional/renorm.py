@@ -36,8 +36,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError, InputTypeError
-from .batch_norm import batch_norm
-from .pipeline import Renorm, Running, check_eps, check_input, check_momentum, run
+from .pipeline import THIS_BATCH, Renorm, run
 from .stats import PrecisionState
 
 __all__ = ["batch_renorm", "RenormSchedule", "resolve_limit", "check_limits"]
@@ -163,24 +162,14 @@ def batch_renorm(
         >>> rm, rv = torch.zeros(4), torch.ones(4)
         >>> y = batch_renorm(x, rm, rv, training=True, r_max=3.0, d_max=5.0)
     """
-    what = "batch_renorm"
-    count = check_input(input, weight, bias, running_mean, running_var, training=training, what=what)
     check_limits(r_max, d_max)
     if running_mean is None:
         raise InputError(
-            f"{what}: needs running_mean and running_var (r and d are measured against them); "
-            f"for batch statistics only use batchnorm.functional.batch_norm"
+            "batch_renorm: needs running_mean and running_var (r and d are measured against them); "
+            "for batch statistics only use batchnorm.functional.batch_norm"
         )
-    check_eps(eps, what)
-    check_momentum(momentum, what)
-    if not training or (r_max == 1 and d_max == 0):
-        # inference, or r = 1 and d = 0 identically (e.g. the schedule's warm-up): batch norm itself
-        return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                          num_batches_tracked=num_batches_tracked if training else None,
-                          check_finite=check_finite, backend=backend, precision_state=precision_state)  # fmt: skip
-    if momentum is None and num_batches_tracked is None:
-        raise InputError(f"{what}: momentum=None (cumulative average) needs num_batches_tracked")
-    return run(input, Renorm(r_max, d_max), weight=weight, bias=bias,
-               running=Running(running_mean, running_var, num_batches_tracked), training=True, momentum=momentum,
-               eps=eps, count=count, check_finite=check_finite, backend=backend, state=precision_state,
-               what=what)  # fmt: skip
+    # inference, or r = 1 and d = 0 identically (e.g. the schedule's warm-up): batch norm itself
+    source = Renorm(r_max, d_max) if training and (r_max != 1 or d_max != 0) else THIS_BATCH
+    return run(input, source, weight, bias, running_mean, running_var, num_batches_tracked if training else None,
+               training, momentum, eps, check_finite=check_finite, backend=backend, state=precision_state,
+               what="batch_renorm")

@@ -9,7 +9,7 @@ Everything that normalizes in this library gets its statistics from here:
   (below);
 * :func:`merge` - the exact merge of parts (Chan et al., 1979), for virtual batches,
   ranks and blocks;
-* :func:`centering` / :func:`redo_centred` / :class:`PrecisionState` - the off-centre
+* :func:`centering` / :func:`recentre` / :class:`PrecisionState` - the off-centre
   decision, taken without reading device memory on the host.
 
 The precision rule
@@ -53,7 +53,7 @@ from torch import Tensor
 
 __all__ = [
     "BatchStats", "moments", "merge", "stat_dtype", "param_view", "off_center", "PrecisionState",
-    "centering", "redo_centred", "running_off_center", "device_policy", "host_read", "SHIFT_LIMIT",
+    "centering", "recentre", "NOTHING", "CHECK", "PUBLISH", "running_off_center", "device_policy", "host_read", "SHIFT_LIMIT",
     "BLOCK_VALUES", "DEVICE_BLOCK_VALUES", "exact_norm",
 ]  # fmt: skip
 
@@ -134,7 +134,7 @@ _policy = threading.local()
 def host_reads_ok(t: Tensor) -> bool:
     """Whether a decision may read ``t``'s values on the host now: CPU tensors, outside
     :func:`device_policy`. (A GPU tensor read would synchronize the host with the device.)"""
-    return t.device.type == "cpu" and not getattr(_policy, "device", False)
+    return t.is_cpu and not getattr(_policy, "device", False)
 
 
 @contextlib.contextmanager
@@ -175,10 +175,11 @@ def off_center(mean: Tensor, rstd: Tensor) -> bool:
     Only for tensors where :func:`host_reads_ok`; ``C`` numbers read through zero-copy
     NumPy views (cheaper than a handful of tiny torch ops on the CPU).
     """
-    mean, rstd = mean.detach(), rstd.detach()
+    if mean.requires_grad or rstd.requires_grad:
+        mean, rstd = mean.detach(), rstd.detach()
     if mean.dtype in (torch.float32, torch.float64) and rstd.dtype == mean.dtype:
-        m = mean.numpy()
-        return bool(m.size) and float(np.max(np.abs(m) * rstd.numpy())) > SHIFT_LIMIT
+        p = mean.numpy() * rstd.numpy()
+        return bool(p.size) and float(np.abs(p, out=p).max()) > SHIFT_LIMIT
     return mean.numel() > 0 and bool((mean.float().abs() * rstd.float()).amax() > SHIFT_LIMIT)
 
 
@@ -245,38 +246,42 @@ def _first_sample(x: Tensor) -> Tensor:
     return x[(0, slice(None)) + (0,) * (x.dim() - 2)].detach()
 
 
-def _centring_applies(x: Tensor) -> bool:
-    return x.dtype != torch.float64 and x.numel() > 0
+#: what :func:`recentre` does after the statistics are known (see :func:`centering`)
+NOTHING, CHECK, PUBLISH = 0, 1, 2
 
 
-def centering(x: Tensor, state: Optional[PrecisionState]) -> Optional[Tensor]:
-    """The shift to subtract *before* computing statistics, or ``None``.
+def centering(x: Tensor, state: Optional[PrecisionState], first=_first_sample) -> tuple[Optional[Tensor], int]:
+    """The precision rule's decision for one call: ``(shift, then)``.
 
-    The first sample of each channel when compiling (fused for free) or when ``state``
-    reports the layer off-centre on a device; ``None`` otherwise (on the CPU the decision
-    is taken afterwards, by :func:`redo_centred`, from the exact statistics).
+    ``shift`` is subtracted *before* the statistics are computed: ``first(x)`` (the first value
+    of each channel, or of each normalization group) when compiling, where the compiler fuses
+    it for free, or when ``state`` reports the layer off-centre on a device; otherwise ``None``.
+    ``then`` says what :func:`recentre` does once the statistics are known: ``CHECK`` them on
+    the host (the CPU), ``PUBLISH`` the flag for the next step (a device), or ``NOTHING``
+    (float64, compiled code, or a device call without a state).
     """
-    if not _centring_applies(x):
-        return None
+    if x.dtype == torch.float64:
+        return None, NOTHING
     if torch.compiler.is_compiling():
-        return _first_sample(x)
-    if state is not None and not host_reads_ok(x) and state.decide():
-        return _first_sample(x)
-    return None
+        return first(x).detach(), NOTHING
+    if x.is_cpu and not getattr(_policy, "device", False):
+        return None, CHECK
+    if state is None:
+        return None, NOTHING
+    return (first(x).detach() if state.decide() else None), PUBLISH
 
 
-def redo_centred(x: Tensor, mean: Tensor, rstd: Tensor, state: Optional[PrecisionState],
-                 shift: Optional[Tensor] = None) -> bool:  # fmt: skip
-    """After statistics ``mean`` (of ``x - shift``) and ``rstd``: whether to recompute them about a shift.
+def recentre(then: int, mean: Tensor, rstd: Tensor, state: Optional[PrecisionState],
+             shift: Optional[Tensor] = None) -> bool:  # fmt: skip
+    """After :func:`centering`: whether to recompute the statistics about the rounded mean.
 
-    On the CPU: :func:`off_center` of the total mean, read now. On a device: publishes the
-    flag to ``state`` for the next step and returns False (nothing is read).
+    ``mean`` (of ``x - shift``) and ``rstd`` are the statistics just computed. ``CHECK``:
+    :func:`off_center`, read now (only where nothing was shifted). ``PUBLISH``: the flag goes
+    to ``state`` for the next step and nothing is read (returns False).
     """
-    if not _centring_applies(x) or torch.compiler.is_compiling():
-        return False
-    if host_reads_ok(x):
+    if then == CHECK:
         return shift is None and off_center(mean, rstd)
-    if state is not None:
+    if then == PUBLISH:
         total = mean if shift is None else mean + shift.to(mean.dtype)
         state.publish(_off_center_flag(total, rstd))
     return False
@@ -293,12 +298,9 @@ def exact_norm(x: Tensor, op, first, expand, state: Optional[PrecisionState] = N
     ``max |mean| * rstd > SHIFT_LIMIT``. ``y`` is invariant to the shift, so its gradient is
     unchanged.
     """
-    pivot = None
-    if _centring_applies(x) and (torch.compiler.is_compiling()
-                                 or (state is not None and not host_reads_ok(x) and state.decide())):  # fmt: skip
-        pivot = first(x).detach()
+    pivot, then = centering(x, state, first)
     y, mean, rstd = op(x if pivot is None else x - expand(pivot))
-    if redo_centred(x, mean, rstd, state, pivot):
+    if recentre(then, mean, rstd, state, pivot):
         y = op(x - expand(mean.detach().to(x.dtype)))[0]
     return y
 
@@ -342,20 +344,26 @@ def _native_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.batch_norm_update_stats(x, None, None, 0.0)
 
 
+def needs_blocks(x: Tensor, count: int) -> bool:
+    """Whether the native kernel's single pass would lose precision on ``x`` (``count`` values
+    per channel): rule 2 of the module docstring."""
+    if x.is_cuda or x.device.type != "cpu":
+        return count > DEVICE_BLOCK_VALUES
+    return count > BLOCK_VALUES and not (x.is_contiguous() and x.stride(1) != 1)
+
+
 def _blocks(x: Tensor) -> Optional[List[Tensor]]:
     """The parts to reduce separately (see the module docstring), or ``None`` for one native call."""
     c = x.shape[1]
     count = x.numel() // c if c else 0
+    if not needs_blocks(x, count):
+        return None
     if x.device.type == "cpu":
-        if count <= BLOCK_VALUES or (x.is_contiguous() and x.stride(1) != 1):
-            return None  # the contiguous kernel accumulates in float64
         rows = x.movedim(1, -1)
         if rows.is_contiguous() or x.dim() == 2:
             return list(rows.reshape(-1, c).split(BLOCK_VALUES))  # (rows, C) blocks, channels inner
         per_sample = max(count // max(x.shape[0], 1), 1)
         return list(x.split(max(BLOCK_VALUES // per_sample, 1)))
-    if count <= DEVICE_BLOCK_VALUES:
-        return None
     per_sample = max(count // max(x.shape[0], 1), 1)
     return list(x.split(max(DEVICE_BLOCK_VALUES // per_sample, 1)))
 
@@ -405,11 +413,11 @@ def moments(x: Tensor, state: Optional[PrecisionState] = None, chunk: Optional[i
         pairs = [_raw_moments(p if shift is None else p - param_view(shift[k], x.dim())) for k, p in enumerate(parts)]
         return torch.stack([m for m, _ in pairs]), torch.stack([v for _, v in pairs])
 
-    shift = centering(x, state)
+    shift, then = centering(x, state)
     if shift is not None and chunk is not None:
         shift = shift.expand(len(parts), c)
     mean, var = stats_about(shift)
-    if redo_centred(x, mean, torch.rsqrt(var + 1e-30), state, shift):
+    if recentre(then, mean, torch.rsqrt(var + 1e-30), state, shift):
         shift = mean.to(x.dtype)
         mean, var = stats_about(shift)
     counts = None if chunk is None else tuple(p.numel() // c for p in parts)

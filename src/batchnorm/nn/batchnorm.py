@@ -6,7 +6,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from .. import functional as BF
+from ..functional.pipeline import THIS_BATCH, ThisBatch, run
 from ._base import NormBase
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -29,25 +29,21 @@ class _BatchNorm(NormBase):
     def forward(self, input: Tensor) -> Tensor:
         return self._forward(input)
 
+    def _source(self) -> ThisBatch:
+        """Where a training step's statistics come from (the variants override this, and only this)."""
+        return THIS_BATCH
+
     def _forward(self, input: Tensor, residual: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
-        self._check_input_dim(input)
-        running_mean, running_var, num_batches_tracked = self._running_stats_to_update()
-        return BF.batch_norm(
-            input,
-            running_mean,
-            running_var,
-            self.weight,
-            self.bias,
-            training=self._uses_batch_stats(),
-            momentum=self.momentum,
-            eps=self.eps,
-            num_batches_tracked=num_batches_tracked,
-            residual=residual,
-            activation=activation,
-            check_finite=self.check_finite,
-            backend=self.backend,
-            precision_state=self._precision,
-        )
+        training = self.training
+        if training and not self.track_running_stats:  # batch statistics, nothing to update
+            rm = rv = nbt = None
+        else:
+            rm, rv = self.running_mean, self.running_var
+            nbt = self.num_batches_tracked if training else None
+            training = training or rm is None  # eval without running statistics: batch statistics (torch.nn)
+        return run(input, self._source() if training else THIS_BATCH, self.weight, self.bias, rm, rv, nbt, training,
+                   self.momentum, self.eps, residual, activation, self.check_finite, self.backend, self._precision,
+                   type(self).__name__, self._input_dims, self.num_features)  # fmt: skip
 
 
 class BatchNorm1d(_BatchNorm):

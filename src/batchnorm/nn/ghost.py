@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from torch import Tensor
-
-from ..functional.ghost import check_virtual_batch_size, ghost_batch_norm
+from ..functional.ghost import check_virtual_batch_size
+from ..functional.pipeline import Virtual
 from .batchnorm import _BatchNorm
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
@@ -47,28 +46,8 @@ class _GhostBatchNorm(_BatchNorm):
                          check_finite=check_finite, backend=backend)  # fmt: skip
         self.virtual_batch_size = virtual_batch_size
 
-    def _forward(self, input: Tensor, residual=None, activation=None) -> Tensor:
-        if not self.training:
-            return super()._forward(input, residual, activation)
-        if residual is not None or activation is not None:
-            raise ValueError(f"{type(self).__name__}: residual/activation fusion is not supported in training")
-        self._check_input_dim(input)
-        running_mean, running_var, num_batches_tracked = self._running_stats_to_update()
-        return ghost_batch_norm(
-            input,
-            running_mean,
-            running_var,
-            self.weight,
-            self.bias,
-            training=True,
-            momentum=self.momentum,
-            eps=self.eps,
-            virtual_batch_size=self.virtual_batch_size,
-            num_batches_tracked=num_batches_tracked,
-            check_finite=self.check_finite,
-            backend=self.backend,
-            precision_state=self._precision,
-        )
+    def _source(self) -> Virtual:
+        return Virtual(self.virtual_batch_size)
 
     def _extra_init_kwargs(self) -> dict:
         return {"virtual_batch_size": self.virtual_batch_size}

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from torch import Tensor
-
-from ..functional.renorm import Limit, RenormSchedule, batch_renorm, check_limits, resolve_limit
+from ..functional.pipeline import THIS_BATCH, Renorm, ThisBatch
+from ..functional.renorm import Limit, RenormSchedule, check_limits, resolve_limit
 from .batchnorm import _BatchNorm
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "RenormSchedule"]
@@ -82,32 +81,18 @@ class _BatchRenorm(_BatchNorm):
         self._step_mirror = mirror
         return mirror[1]
 
-    def _forward(self, input: Tensor, residual=None, activation=None) -> Tensor:
-        if residual is not None or activation is not None:
-            raise ValueError(f"{type(self).__name__}: residual/activation fusion is not supported by batch renorm")
-        self._check_input_dim(input)
-        r_max, d_max = self.limits() if self.training else (1.0, 0.0)
-        y = batch_renorm(
-            input,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            training=self.training,
-            momentum=self.momentum,
-            eps=self.eps,
-            r_max=r_max,
-            d_max=d_max,
-            num_batches_tracked=self.num_batches_tracked if self.training else None,
-            check_finite=self.check_finite,
-            backend=self.backend,
-            precision_state=self._precision,
-        )
+    def _source(self) -> ThisBatch:
+        r_max, d_max = self.limits()
+        check_limits(r_max, d_max)
+        source = THIS_BATCH if (r_max == 1 and d_max == 0) else Renorm(r_max, d_max)  # (1, 0): batch norm itself
+        self._advance_mirror()
+        return source
+
+    def _advance_mirror(self) -> None:
         mirror = getattr(self, "_step_mirror", None)
-        if self.training and mirror is not None and mirror[0] is not None:  # our own increment: advance the mirror
+        if mirror is not None and mirror[0] is not None:  # this step's increment is ours: advance the mirror
             buf = self.num_batches_tracked
-            self._step_mirror = ((buf.data_ptr(), buf._version), mirror[1] + 1)
-        return y
+            self._step_mirror = ((buf.data_ptr(), buf._version + 1), mirror[1] + 1)
 
     def _extra_init_kwargs(self) -> dict:
         return {"r_max": self.r_max, "d_max": self.d_max}
