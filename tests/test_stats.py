@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from batchnorm import reference as R
+from batchnorm import BatchNorm1d, BatchNorm2d
 from batchnorm.functional.stats import merge, moments
-from tolerances import REL_TOL, assert_rel_close
+from tolerances import REL_TOL, assert_rel_close, rel_err
 
 from family._util import data, np64
 
@@ -53,3 +54,71 @@ def test_merge_moments_vs_chan_merge():
     assert_rel_close(m2, ((whole - whole.mean(0)) ** 2).sum(0), REL_TOL[torch.float64], "M2 vs whole")
     n0, mean0, m20 = merge(torch.zeros(2, dtype=torch.float64), torch.ones(2, 3), torch.ones(2, 3))
     assert int(n0) == 0 and np.all(np64(mean0) == 0) and np.all(np64(m20) == 0)  # empty parts contribute nothing
+
+
+# --- rule 2: blocks for large reductions --------------------------------------------------------
+
+
+def _exact(x):
+    xd = x.double()
+    axes = [0] + list(range(2, x.dim()))
+    return xd.mean(axes), xd.var(axes, unbiased=False)
+
+
+@pytest.mark.parametrize(
+    "shape,fmt",
+    [
+        ((2**18, 8), None),  # (N, C): the native CPU kernel accumulates in float32 vectors here
+        ((2**14, 8, 4, 4), torch.channels_last),  # channels_last, 2^18 values per channel
+        ((2**17, 3, 2), "strided"),  # a permuted view: neither contiguous nor channels_last
+    ],
+)
+def test_large_reductions_are_exact(shape, fmt):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g) * 2 + 3
+    if fmt is torch.channels_last:
+        x = x.to(memory_format=fmt)
+    elif fmt == "strided":
+        x = torch.randn((shape[0], shape[2], shape[1]), generator=g).permute(0, 2, 1) * 2 + 3
+    mean, var = _exact(x)
+    st = moments(x)
+    assert_rel_close(st.total_mean(), mean, 1e-6, "mean")
+    assert_rel_close(st.var, var, 1e-6, "var")
+    # the module's training output is normalized with these statistics
+    bn = BatchNorm1d(x.shape[1]) if x.dim() < 4 else BatchNorm2d(x.shape[1])
+    y = bn(x)
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    y_ref = (x.double() - mean.view(view)) / (var.view(view) + bn.eps).sqrt()
+    assert_rel_close(y, y_ref, F32, "y")
+    assert_rel_close(bn.running_var, 0.9 + 0.1 * var * st.count / (st.count - 1), F32, "running_var")
+    if fmt is None:  # the witness: PyTorch's own kernel is off by more than float32 accuracy here
+        y_torch = torch.nn.functional.batch_norm(x, None, None, training=True)
+        assert rel_err(y_torch, y_ref) > F32
+
+
+def test_more_than_2_to_the_31_values_per_channel():
+    """2^31 + 2^12 values per channel (a stride-0 view, so no memory is needed): counts, blocks and the
+    merge stay exact where a float32 running sum stops moving (it saturates at 2^24 * mean)."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(1, 1, 4096, generator=g, dtype=torch.float64) + 3
+    x = base.float().expand(2**19 + 1, 1, 4096)
+    assert x.numel() == 2**31 + 2**12
+    st = moments(x)
+    assert st.count == x.numel()
+    b = base.float().double()  # the data as stored
+    assert_rel_close(st.total_mean(), b.mean().view(1), 1e-6, "mean")
+    assert_rel_close(st.var, b.var(unbiased=False).view(1), 1e-6, "var")
+
+
+def test_virtual_batches_each_exact_and_pooled():
+    x = data((10, 3, 4), seed=4, offset=1e6)  # off-centre: every part is re-centred on its own mean
+    st = moments(x, chunk=4)
+    assert st.mean.shape == (3, 3) and st.parts == (16, 16, 8) and st.shift is not None
+    for k, part in enumerate(x.split(4)):
+        mean, var = _exact(part)
+        assert_rel_close(st.total_mean(torch.float64)[k], mean, 1e-12, f"part {k} mean")
+        assert_rel_close(st.var[k], var, F32, f"part {k} var")
+    pooled = st.pooled()
+    mean, var = _exact(x)
+    assert_rel_close(pooled.var, var, F32, "pooled var")
+    assert pooled.count == 40

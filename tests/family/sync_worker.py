@@ -17,7 +17,7 @@ C = 3
 SHAPE_REST = (2, 3)  # (H, W): small, odd
 #: per world size: (name, batch size of each member of the group, group ranks or None for all)
 SCENARIOS = {
-    2: [("even", (4, 4), None), ("uneven", (1, 6), None)],
+    2: [("even", (4, 4), None), ("uneven", (1, 6), None), ("mean 1e6", (3, 5), None)],
     3: [("uneven+empty", (2, 5, 0), None), ("one-sample+empty", (1, 0, 2), None), ("subgroup", (3, 2), (0, 2))],
 }
 TIMEOUT_S = 8
@@ -29,6 +29,8 @@ def scenario_data(name, sizes, step):
     n = sum(sizes)
     x = torch.randn((n, C) + SHAPE_REST, generator=g) * 2 + torch.tensor([5.0, -3.0, 0.5]).view(1, C, 1, 1)
     dy = torch.randn((n, C) + SHAPE_REST, generator=g)
+    if "1e6" in name:  # far off-centre: the global statistics must be re-centred to stay exact in float32
+        x = (x.double() + 1e6).float()
     return x, dy
 
 
@@ -79,6 +81,40 @@ def run_scenarios(rank, world):
     return results
 
 
+#: seconds each rank waits for the others in the fault scenarios (the layer's own timeout)
+FAULT_TIMEOUT_S = 4
+
+
+def run_fault(rank, world, kind, out_dir):
+    """Rank ``world - 1`` misbehaves in the way ``kind`` names; every rank that reaches the layer must
+    raise a clear error with its parameters and buffers bit-identical (checked here, reported in .err)."""
+    import time
+
+    from batchnorm.distributed import SyncBatchNorm
+
+    bad = rank == world - 1
+    channels = C + 1 if (bad and kind == "channels") else C
+    bn = SyncBatchNorm(channels, check_finite=(kind == "nan"), timeout=FAULT_TIMEOUT_S)
+    if bad and kind == "dtype":
+        bn = bn.double()
+    x = torch.randn(2, channels, 3, dtype=torch.float64 if (bad and kind == "dtype") else torch.float32)
+    if bad and kind == "input":
+        x = torch.randn(2, C + 2, 3)  # wrong channel count for the layer: rejected locally, told to the others
+    if bad and kind == "nan":
+        x[0, 1, 0] = float("nan")
+    if bad and kind == "raises":
+        time.sleep(3 * FAULT_TIMEOUT_S)  # raised elsewhere and stays alive: never reaches the layer
+        raise RuntimeError("rank failed before the layer")
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    try:
+        bn(x.requires_grad_(True)).sum().backward()
+    except Exception:
+        same = all(torch.equal(v, before[k]) for k, v in bn.state_dict().items())
+        with open(os.path.join(out_dir, f"rank{rank}.state"), "w") as f:
+            f.write("unchanged" if same else "CHANGED")
+        raise
+
+
 def main():
     rank, world, port, out_dir, mode = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
     torch.set_num_threads(1)
@@ -97,6 +133,9 @@ def main():
 
             SyncBatchNorm(C).train()(torch.randn(2, C, 2, 2))
             raise AssertionError("the forward returned although a peer is dead")
+        if mode.startswith("fault-"):
+            run_fault(rank, world, mode[len("fault-"):], out_dir)
+            raise AssertionError("the fault did not raise")
         results = run_scenarios(rank, world)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()

@@ -19,7 +19,7 @@ from batchnorm import reference as R
 from batchnorm.functional.batch_norm import batch_norm
 from batchnorm.distributed import SyncBatchNorm, convert_sync_batchnorm, sync_batch_norm
 from batchnorm.nn.batchnorm import BatchNorm2d
-from tolerances import REL_TOL, REL_TOL_VS_TORCH, assert_rel_close
+from tolerances import REL_TOL, REL_TOL_VS_TORCH, assert_rel_close, rel_err
 
 from . import sync_worker as W
 from ._util import np64
@@ -103,6 +103,9 @@ def test_sync_matches_single_process_on_concatenated_batch(world, tmp_path):
             assert_rel_close(dx, e["dx"], F32, f"{what}: dx", scale=e["scale"])
             assert_rel_close(dw, e["dw"], F32, f"{what}: dweight")
             assert_rel_close(db, e["db"], F32, f"{what}: dbias")
+            if "1e6" in name:  # torch.nn itself is off by ulp(1e6)/std there: the reference decides alone
+                assert rel_err(e["yt"], e["y"]) > 1e-3
+                continue
             assert_rel_close(y, e["yt"], F32, f"{what}: y vs torch.nn")
             assert_rel_close(dx, e["dxt"], F32, f"{what}: dx vs torch.nn", scale=e["scale"])
             assert_rel_close(dw, e["dwt"], F32, f"{what}: dweight vs torch.nn")
@@ -110,10 +113,15 @@ def test_sync_matches_single_process_on_concatenated_batch(world, tmp_path):
             state = res[r][name]["state"]
             assert_rel_close(state["running_mean"], rm, F32, f"{name} rank {r}: running_mean")
             assert_rel_close(state["running_var"], rv, F32, f"{name} rank {r}: running_var")
-            assert_rel_close(state["running_var"], tn.running_var, F32, f"{name} rank {r}: running_var vs torch.nn")
+            if "1e6" not in name:
+                assert_rel_close(state["running_var"], tn.running_var, F32, f"{name} rank {r}: running_var vs torch.nn")
             assert int(state["num_batches_tracked"]) == 5
         y_ev = torch.cat([res[r][name]["y_eval"] for r in ranks])
-        assert_rel_close(y_ev, y_eval, REL_TOL_VS_TORCH[torch.float32], f"{name}: eval output vs torch.nn")
+        x_ev = W.scenario_data(name, sizes, 0)[0]
+        y_ev_ref = R.batch_norm_eval(np64(x_ev), rm, rv, np64(W.initial_state()["weight"]), np64(W.initial_state()["bias"]))
+        assert_rel_close(y_ev, y_ev_ref, F32, f"{name}: eval output vs the reference")
+        if "1e6" not in name:
+            assert_rel_close(y_ev, y_eval, REL_TOL_VS_TORCH[torch.float32], f"{name}: eval output vs torch.nn")
 
 
 @pytest.mark.parametrize("mode,match", [

@@ -114,7 +114,10 @@ def group_norm(
         return t.repeat_interleave(per, dim=1).view((n, c) + (1,) * (input.dim() - 2)).to(input.dtype)
 
     def first(x):  # the first value of each group, (N, G)
-        return x[(slice(None), slice(None, None, per)) + (0,) * (x.dim() - 2)]
+        x = x.unflatten(1, (g, per)).select(2, 0)
+        while x.dim() > 2:
+            x = x.select(2, 0)
+        return x
 
     return exact_norm(input, op, first, expand, precision_state)
 
@@ -160,7 +163,9 @@ def layer_norm(
         return torch.native_layer_norm(x, shape, weight, bias, eps)
 
     def first(x):  # the first value of each normalized slice, shaped like native_layer_norm's mean
-        return x[(Ellipsis,) + (slice(0, 1),) * len(shape)] if lead >= 0 else x
+        for d in range(lead, x.dim()):
+            x = x.narrow(d, 0, 1)
+        return x
 
     return exact_norm(input, op, first, lambda t: t.to(input.dtype), precision_state)
 

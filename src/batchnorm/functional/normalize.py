@@ -42,6 +42,9 @@ __all__ = ["normalize", "affine_args"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
+#: the native inference kernel writing into a slice of a larger output (one part of ``K``)
+_native_into = torch.ops.aten.native_batch_norm.out
+
 
 def affine_args(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
     """Parameters as the native kernels need them: half parameters in float32, and a float32
@@ -63,11 +66,11 @@ def _centred(x: Tensor, shift: Optional[Tensor], k: int, chunk: Optional[int]) -
     """Part ``k`` of ``x`` minus its shift (``(C,)``, or ``(K, C)`` per part)."""
     if shift is None:
         return x
-    return x - param_view(shift if chunk is None else shift[k], x.dim())
+    return x - param_view(shift if chunk is None else shift.select(0, k), x.dim())
 
 
 def _per_part(t: Tensor, k: int, chunk: Optional[int]) -> Tensor:
-    return t if chunk is None else t[k]
+    return t if chunk is None else t.select(0, k)
 
 
 class _Normalize(torch.autograd.Function):
@@ -78,10 +81,10 @@ class _Normalize(torch.autograd.Function):
             y = torch.native_batch_norm(_centred(x, shift, 0, None), weight, bias, mean, var, False, 0.0, eps)[0]
         else:  # one output, each part written in place (N is outermost in contiguous/channels_last)
             y = torch.empty_like(x)
-            none = x.new_empty(0)
+            none = mean.new_empty(0)  # (the statistics outputs have the statistics dtype)
             for k, (xc, yc) in enumerate(zip(x.split(chunk), y.split(chunk))):
-                torch.ops.aten.native_batch_norm.out(_centred(xc, shift, k, chunk), weight, bias, mean[k], var[k],
-                                                     False, 0.0, eps, out=yc, save_mean=none, save_invstd=none)
+                _native_into(_centred(xc, shift, k, chunk), weight, bias, mean.select(0, k), var.select(0, k), False, 0.0, eps,
+                             out=yc, save_mean=none, save_invstd=none)  # fmt: skip
         ctx.save_for_backward(x, weight, mean, rstd, shift)
         ctx.eps, ctx.chunk, ctx.hook, ctx.has_bias = eps, chunk, hook, bias is not None
         return y

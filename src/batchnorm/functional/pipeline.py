@@ -176,6 +176,16 @@ class Running(NamedTuple):
     count: Optional[Tensor] = None
 
 
+def _new_running(running: Running, stats: BatchStats, momentum: Optional[float]):
+    """``(work dtype, weight, [(buffer, new batch value)])`` of the moving-average update (nothing written)."""
+    work = stat_dtype(running.mean.dtype)
+    if momentum is None:  # the counter is incremented before it weighs the batch: 1 / (steps + 1)
+        weight = (running.count.to(work) + 1).reciprocal()
+    else:
+        weight = float(momentum)
+    return work, weight, ((running.mean, stats.total_mean().to(work)), (running.var, stats.unbiased_var().to(work)))
+
+
 @torch.no_grad()
 def update_running(running: Running, stats: BatchStats, momentum: Optional[float]) -> None:
     r"""Moving-average update in place, PyTorch's convention.
@@ -187,28 +197,29 @@ def update_running(running: Running, stats: BatchStats, momentum: Optional[float
     Tensor arithmetic only (the counter is never read on the host), so it traces under
     ``torch.compile`` and never synchronizes a GPU.
     """
+    work, weight, pairs = _new_running(running, stats, momentum)
     if running.count is not None:
         running.count.add_(1)
-    work = stat_dtype(running.mean.dtype)
-    weight = running.count.to(work).reciprocal() if momentum is None else float(momentum)
-    for buf, new in ((running.mean, stats.total_mean()), (running.var, stats.unbiased_var())):
-        new = new.to(work)
+    for buf, new in pairs:
         if buf.dtype == work:
             buf.lerp_(new, weight)
         else:  # half-precision buffers: update in float32, store rounded
             buf.copy_(buf.to(work).lerp_(new, weight))
 
 
-def check_finite_stats(stats: BatchStats, running: Optional[Running], what: str) -> None:
-    """Raise :class:`~batchnorm.errors.NonFiniteError` unless the statistics, and the values the
-    running buffers would receive (in their dtype), are finite. Any NaN/Inf in the input makes
-    the statistics non-finite; a finite input whose variance overflows does too. Reads one
-    flag on the host (``check_finite`` is opt-in: a synchronization on a GPU)."""
+def check_finite_stats(stats: BatchStats, running: Optional[Running], what: str,
+                       momentum: Optional[float] = None) -> None:  # fmt: skip
+    """Raise :class:`~batchnorm.errors.NonFiniteError` unless the statistics, and the running
+    buffers after the update (in their dtype), are finite. Any NaN/Inf in the input makes the
+    statistics non-finite; a finite input whose variance overflows does too, and so does an
+    update that overflows float16 buffers. Reads one flag on the host (``check_finite`` is
+    opt-in: a synchronization on a GPU)."""
     values = [stats.total_mean(), stats.var]
     if stats.count > 1:
         values.append(stats.unbiased_var())
-    if running is not None and running.var.dtype != values[0].dtype:
-        values += [v.to(running.var.dtype) for v in values]
+    if running is not None and running.var.dtype != values[0].dtype and stats.count > 1:
+        _, weight, pairs = _new_running(running, stats, momentum)
+        values += [buf.to(new.dtype).lerp(new, weight).to(buf.dtype) for buf, new in pairs]
     if not bool(torch.stack([torch.isfinite(v).all() for v in values]).all()):
         raise NonFiniteError(
             f"{what}: the batch statistics are not finite (the input contains NaN or Inf, or its variance "
@@ -414,7 +425,7 @@ def run(
     stats = source.stats(x, state)
     pooled = source.pooled(stats)
     if check_finite:
-        check_finite_stats(pooled, running, what)
+        check_finite_stats(pooled, running, what, momentum)
     w, b = source.affine(stats, weight, bias, running, eps)
     y = normalize(x, stats, w, b, eps, chunk=source.chunk, hook=source.hook)
     if residual is not None or activation is not None:
@@ -468,7 +479,7 @@ def _train_fused(x, source, be, weight, bias, running, momentum, eps, count, res
     if check_finite or running is not None:
         pooled = source.pooled(BatchStats(mean, _var_from_rstd(rstd, eps), count, shift))
         if check_finite:
-            check_finite_stats(pooled, running, what)
+            check_finite_stats(pooled, running, what, momentum)
         if running is not None:
             update_running(running, pooled, momentum)
     return y

@@ -243,7 +243,10 @@ class PrecisionState:
 
 def _first_sample(x: Tensor) -> Tensor:
     """``x[0, :, 0, ..., 0]``: a value of each channel's data, the pivot when no statistics are known."""
-    return x[(0, slice(None)) + (0,) * (x.dim() - 2)].detach()
+    x = x.detach().select(0, 0)
+    while x.dim() > 1:
+        x = x.select(1, 0)
+    return x
 
 
 #: what :func:`recentre` does after the statistics are known (see :func:`centering`)
@@ -335,13 +338,16 @@ def running_off_center(running_mean: Tensor, running_var: Tensor, eps: float) ->
 
 def _native_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """One native pass: per-channel ``(mean, biased var)`` of ``(N, C, *)`` ``x`` in the statistics dtype."""
-    if x.dtype in _HALF:
+    if x.dtype in _HALF and not torch.compiler.is_compiling():
         # the native statistics kernel keeps half statistics for half input; with a float32
         # weight the training kernel keeps float32 ones (eps = 0: var = rstd ** -2 exactly)
         one = torch.ones(x.shape[1], device=x.device, dtype=torch.float32)
         _, mean, rstd = torch.native_batch_norm(x, one, None, None, None, True, 0.0, 0.0)
         return mean, rstd.pow(-2)
-    return torch.batch_norm_update_stats(x, None, None, 0.0)
+    if x.is_cpu and not torch.compiler.is_compiling():
+        return torch.batch_norm_update_stats(x, None, None, 0.0)  # one read; no meta kernel, so eager CPU only
+    var, mean = torch.var_mean(x.to(stat_dtype(x.dtype)), [0] + list(range(2, x.dim())), correction=0)
+    return mean, var
 
 
 def needs_blocks(x: Tensor, count: int) -> bool:
@@ -410,7 +416,8 @@ def moments(x: Tensor, state: Optional[PrecisionState] = None, chunk: Optional[i
     def stats_about(shift):
         if chunk is None:
             return _raw_moments(x if shift is None else x - param_view(shift, x.dim()))
-        pairs = [_raw_moments(p if shift is None else p - param_view(shift[k], x.dim())) for k, p in enumerate(parts)]
+        pairs = [_raw_moments(p if shift is None else p - param_view(shift.select(0, k), x.dim()))
+                 for k, p in enumerate(parts)]
         return torch.stack([m for m, _ in pairs]), torch.stack([v for _, v in pairs])
 
     shift, then = centering(x, state)
