@@ -85,13 +85,13 @@ class _Normalize(torch.autograd.Function):
             for k, (xc, yc) in enumerate(zip(x.split(chunk), y.split(chunk))):
                 _native_into(_centred(xc, shift, k, chunk), weight, bias, mean.select(0, k), var.select(0, k), False, 0.0, eps,
                              out=yc, save_mean=none, save_invstd=none)  # fmt: skip
-        ctx.save_for_backward(x, weight, mean, rstd, shift)
+        ctx.save_for_backward(x, weight, mean, var, rstd, shift)
         ctx.eps, ctx.chunk, ctx.hook, ctx.has_bias = eps, chunk, hook, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, rstd, shift = ctx.saved_tensors
+        x, weight, mean, var, rstd, shift = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_w = need_w and weight is not None
         need_b = need_b and ctx.has_bias
@@ -99,8 +99,8 @@ class _Normalize(torch.autograd.Function):
             if torch.is_grad_enabled():
                 raise InputError("double backward through SyncBatchNorm is not supported (its all-reduce is "
                                  "not differentiable); use batchnorm.BatchNorm*d for higher-order gradients")
-            dx, dw, db = _backward_with_hook(dy, _centred(x, shift, 0, None), weight, mean, rstd, ctx.eps, ctx.hook,
-                                             need_x)  # fmt: skip
+            dx, dw, db = _backward_with_hook(dy, _centred(x, shift, 0, None), weight, mean, var, rstd, ctx.eps,
+                                             ctx.hook, need_x)  # fmt: skip
         else:
             dxs, dws, dbs = [], [], []
             for k, (dyc, xc) in enumerate(zip(_parts(dy, ctx.chunk), _parts(x, ctx.chunk))):
@@ -116,7 +116,7 @@ class _Normalize(torch.autograd.Function):
                 None, None, None, None, None, None)  # fmt: skip
 
 
-def _backward_with_hook(dy, xs, weight, mean, rstd, eps, hook, need_x):
+def _backward_with_hook(dy, xs, weight, mean, var, rstd, eps, hook, need_x):
     # local sums: native_batch_norm_backward's parameter gradients are sum(dy * xhat) and sum(dy)
     if xs.numel():
         _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
@@ -130,7 +130,6 @@ def _backward_with_hook(dy, xs, weight, mean, rstd, eps, hook, need_x):
     if need_x:
         gamma = rstd.new_ones(()) if weight is None else weight.to(rstd.dtype)
         a = gamma * rstd  # dx = a * (dy - S1/n - xhat * S2/n) = a*dy + [(-a*S2/n) * xhat + (-a*S1/n)]
-        var = rstd.pow(-2) - eps
         dx = torch.native_batch_norm(xs, -a * total[1] / n, -a * total[0] / n, mean, var, False, 0.0, eps)[0]
         dx.addcmul_(dy, param_view(a.to(dy.dtype), dy.dim()))
     return dx, sum_dy_xhat, sum_dy

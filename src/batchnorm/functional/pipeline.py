@@ -36,7 +36,7 @@ from ..errors import InputError, InputTypeError, NonFiniteError
 from .backends import ACTIVATIONS, epilogue, select
 from .normalize import normalize
 from .stats import (NOTHING, BatchStats, PrecisionState, centering, host_reads_ok, moments, needs_blocks, param_view,
-                    recentre, running_off_center, stat_dtype)  # fmt: skip
+                    recentre, running_off_center, stat_dtype, var_from_rstd)  # fmt: skip
 
 __all__ = [
     "run", "Running", "ThisBatch", "THIS_BATCH", "Virtual", "Renorm", "PerInstance", "check_input", "check_eps",
@@ -332,10 +332,6 @@ class PerInstance(ThisBatch):
 # --- the orchestration -------------------------------------------------------------------------------
 
 
-def _var_from_rstd(rstd: Tensor, eps: float) -> Tensor:
-    return rstd.pow(-2).sub_(eps).clamp_min_(0.0)
-
-
 def _empty_output(x: Tensor, weight, bias) -> Tensor:
     """torch.nn's answer for an input without values: an empty output still connected to the
     graph (zero gradients), nothing computed, nothing updated."""
@@ -470,14 +466,14 @@ def _train_fused(x, source, be, weight, bias, running, momentum, eps, count, res
             with torch.no_grad():
                 unbiased = count / (count - 1)
                 running.mean.add_(mean_c + shift.to(mean_c.dtype) - mean, alpha=factor)
-                running.var.add_((_var_from_rstd(rstd_c, eps) - _var_from_rstd(rstd, eps)) * unbiased, alpha=factor)
+                running.var.add_((var_from_rstd(rstd_c, eps) - var_from_rstd(rstd, eps)) * unbiased, alpha=factor)
         mean, rstd = mean_c, rstd_c
     if in_kernel:
         if running.count is not None:
             running.count.add_(1)
         return y
     if check_finite or running is not None:
-        pooled = source.pooled(BatchStats(mean, _var_from_rstd(rstd, eps), count, shift))
+        pooled = source.pooled(BatchStats(mean, var_from_rstd(rstd, eps), count, shift))
         if check_finite:
             check_finite_stats(pooled, running, what, momentum)
         if running is not None:

@@ -54,7 +54,7 @@ from torch import Tensor
 __all__ = [
     "BatchStats", "moments", "merge", "stat_dtype", "param_view", "off_center", "PrecisionState",
     "centering", "recentre", "NOTHING", "CHECK", "PUBLISH", "running_off_center", "device_policy", "host_read", "SHIFT_LIMIT",
-    "BLOCK_VALUES", "DEVICE_BLOCK_VALUES", "exact_norm",
+    "BLOCK_VALUES", "DEVICE_BLOCK_VALUES", "exact_norm", "var_from_rstd",
 ]  # fmt: skip
 
 #: ``|mean| * rstd`` above which float32 statistics are recomputed about a shift. The
@@ -343,11 +343,16 @@ def _native_moments(x: Tensor) -> tuple[Tensor, Tensor]:
         # weight the training kernel keeps float32 ones (eps = 0: var = rstd ** -2 exactly)
         one = torch.ones(x.shape[1], device=x.device, dtype=torch.float32)
         _, mean, rstd = torch.native_batch_norm(x, one, None, None, None, True, 0.0, 0.0)
-        return mean, rstd.pow(-2)
+        return mean, var_from_rstd(rstd, 0.0)
     if x.is_cpu and not torch.compiler.is_compiling():
         return torch.batch_norm_update_stats(x, None, None, 0.0)  # one read; no meta kernel, so eager CPU only
     var, mean = torch.var_mean(x.to(stat_dtype(x.dtype)), [0] + list(range(2, x.dim())), correction=0)
     return mean, var
+
+
+def var_from_rstd(rstd: Tensor, eps: float) -> Tensor:
+    """The biased variance behind a kernel's ``rstd = 1 / sqrt(var + eps)``, clamped at 0."""
+    return rstd.pow(-2).sub_(eps).clamp_min_(0.0)
 
 
 def needs_blocks(x: Tensor, count: int) -> bool:
