@@ -225,3 +225,29 @@ def test_sync_backward_formula_matches_batch_norm():
     assert_rel_close(gx, gx2, F32, "dx", scale=float(dy.norm()))
     assert_rel_close(gw, gw2, F32, "dweight")
     assert np.isfinite(np64(gx)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["batch_norm", "ghost", "renorm"])
+def test_half_inputs_through_every_source(name, dtype):
+    """Half-precision input, float32 parameters and statistics: output and gradient against the float64
+    reference of the rounded input, at the dtype's tolerance."""
+    x = data((6, 3, 5), 7, offset=2.0).to(dtype).requires_grad_(True)
+    w = (torch.rand(3) + 0.5).requires_grad_(True)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    if name == "batch_norm":
+        y = BF.batch_norm(x, rm, rv, w, None, training=True)
+        y_ref = R.batch_norm_train(np64(x), np64(w))[0]
+    elif name == "ghost":
+        y = BF.ghost_batch_norm(x, rm, rv, w, None, training=True, virtual_batch_size=2)
+        y_ref = np.concatenate([R.batch_norm_train(p, np64(w))[0] for p in np.split(np64(x), 3)])
+    else:  # r and d at their limits (running statistics far away), so the reference is closed-form
+        rm.fill_(-100.0), rv.fill_(1e-4)
+        y = BF.batch_renorm(x, rm, rv, w, None, training=True, r_max=1.5, d_max=0.5)
+        y_ref, *_ = R.batch_renorm_train(np64(x), np.full(3, -100.0), np.full(3, 1e-4), np64(w), None, 1e-5, 1.5, 0.5)
+    assert y.dtype == dtype
+    assert_rel_close(y, y_ref, REL_TOL[dtype], f"{name} {dtype}")
+    y.float().square().sum().backward()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
+    rm0 = -100.0 if name == "renorm" else 0.0
+    assert_rel_close(rm, rm0 + 0.1 * (np64(x).mean((0, 2)) - rm0), REL_TOL[dtype], "running_mean (momentum 0.1)")

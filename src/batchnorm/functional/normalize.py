@@ -42,9 +42,6 @@ __all__ = ["normalize", "affine_args"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
-#: the native inference kernel writing into a slice of a larger output (one part of ``K``)
-_native_into = torch.ops.aten.native_batch_norm.out
-
 
 def affine_args(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
     """Parameters as the native kernels need them: half parameters in float32, and a float32
@@ -73,18 +70,36 @@ def _per_part(t: Tensor, k: int, chunk: Optional[int]) -> Tensor:
     return t if chunk is None else t.select(0, k)
 
 
+def _n_outermost(x: Tensor) -> bool:
+    """Whether ``empty_like(x)`` has ``N`` outermost, so its slices along ``N`` are dense blocks the
+    ``out=`` kernels can fill (contiguous and channels_last; a permuted view with ``N`` inner is not)."""
+    if x.is_contiguous():
+        return True
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    return fmt is not None and x.is_contiguous(memory_format=fmt)
+
+
+#: the native kernels writing into slices of larger outputs (one part of ``K``)
+_native_into = torch.ops.aten.native_batch_norm.out
+_native_backward_into = torch.ops.aten.native_batch_norm_backward.out
+
+
 class _Normalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, shift, eps, chunk, hook):
         rstd = torch.rsqrt(var + eps)
         if chunk is None:
             y = torch.native_batch_norm(_centred(x, shift, 0, None), weight, bias, mean, var, False, 0.0, eps)[0]
-        else:  # one output, each part written in place (N is outermost in contiguous/channels_last)
+        elif _n_outermost(x):  # one output, each part written in place
             y = torch.empty_like(x)
             none = mean.new_empty(0)  # (the statistics outputs have the statistics dtype)
             for k, (xc, yc) in enumerate(zip(x.split(chunk), y.split(chunk))):
-                _native_into(_centred(xc, shift, k, chunk), weight, bias, mean.select(0, k), var.select(0, k), False, 0.0, eps,
-                             out=yc, save_mean=none, save_invstd=none)  # fmt: skip
+                _native_into(_centred(xc, shift, k, chunk), weight, bias, mean.select(0, k), var.select(0, k), False,
+                             0.0, eps, out=yc, save_mean=none, save_invstd=none)  # fmt: skip
+        else:
+            y = torch.cat([torch.native_batch_norm(_centred(xc, shift, k, chunk), weight, bias, mean.select(0, k),
+                                                   var.select(0, k), False, 0.0, eps)[0]
+                           for k, xc in enumerate(x.split(chunk))])  # fmt: skip
         ctx.save_for_backward(x, weight, mean, var, rstd, shift)
         ctx.eps, ctx.chunk, ctx.hook, ctx.has_bias = eps, chunk, hook, bias is not None
         return y
@@ -95,19 +110,30 @@ class _Normalize(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_w = need_w and weight is not None
         need_b = need_b and ctx.has_bias
+        chunk, eps = ctx.chunk, ctx.eps
         if ctx.hook is not None:
             if torch.is_grad_enabled():
                 raise InputError("double backward through SyncBatchNorm is not supported (its all-reduce is "
                                  "not differentiable); use batchnorm.BatchNorm*d for higher-order gradients")
-            dx, dw, db = _backward_with_hook(dy, _centred(x, shift, 0, None), weight, mean, var, rstd, ctx.eps,
+            dx, dw, db = _backward_with_hook(dy, _centred(x, shift, 0, None), weight, mean, var, rstd, eps,
                                              ctx.hook, need_x)  # fmt: skip
+        elif chunk is not None and not torch.is_grad_enabled() and _n_outermost(x) and dy.stride() == x.stride():
+            # parts written in place into one gradient buffer (out= kernels are not differentiable:
+            # under create_graph the general loop below runs instead)
+            dx = torch.empty_like(x)
+            dws, dbs = mean.new_empty(mean.shape), mean.new_empty(mean.shape)
+            for k, (dyc, xc, dxc) in enumerate(zip(dy.split(chunk), x.split(chunk), dx.split(chunk))):
+                _native_backward_into(dyc, _centred(xc, shift, k, chunk), weight, None, None, mean.select(0, k),
+                                      rstd.select(0, k), True, eps, [True, True, True],
+                                      out0=dxc, out1=dws.select(0, k), out2=dbs.select(0, k))  # fmt: skip
+            dw, db = dws.sum(0), dbs.sum(0)
         else:
             dxs, dws, dbs = [], [], []
-            for k, (dyc, xc) in enumerate(zip(_parts(dy, ctx.chunk), _parts(x, ctx.chunk))):
+            for k, (dyc, xc) in enumerate(zip(_parts(dy, chunk), _parts(x, chunk))):
                 # x - shift is recomputed here so that double backward sees it as a function of x
                 dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-                    dyc, _centred(xc, shift, k, ctx.chunk), weight, None, None, _per_part(mean, k, ctx.chunk),
-                    _per_part(rstd, k, ctx.chunk), True, ctx.eps, [need_x, need_w, need_b])
+                    dyc, _centred(xc, shift, k, chunk), weight, None, None, _per_part(mean, k, chunk),
+                    _per_part(rstd, k, chunk), True, eps, [need_x, need_w, need_b])
                 dxs.append(dx), dws.append(dw), dbs.append(db)
             dx = dxs[0] if len(dxs) == 1 or not need_x else torch.cat(dxs)
             dw = dws[0] if len(dws) == 1 or not need_w else torch.stack(dws).sum(0)
