@@ -113,14 +113,24 @@ def test_state_dict_loads_both_ways(kind):
     assert_rel_close(ours(x), back(x), REL_TOL_VS_TORCH[torch.float32], "eval after round trip")
 
 
-def test_old_checkpoint_without_num_batches_tracked():
-    sd = torch.nn.BatchNorm2d(4).state_dict()
-    del sd["num_batches_tracked"]
-    sd._metadata = {"": {"version": 1}}
-    bn = batchnorm.BatchNorm2d(4)
-    bn.num_batches_tracked.fill_(9)
-    bn.load_state_dict(sd)
-    assert int(bn.num_batches_tracked) == 0
+@pytest.mark.parametrize("strict", [True, False])
+def test_checkpoint_without_num_batches_tracked_like_torch_nn(strict):
+    """A pre-1.0 checkpoint (version 1, no counter) and a partial load: the counter is what torch.nn keeps."""
+    for version in (1, 2):
+        sd = torch.nn.BatchNorm2d(4).state_dict()
+        del sd["num_batches_tracked"]
+        sd._metadata = {"": {"version": version}}
+        ours, theirs = batchnorm.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+        for m in (ours, theirs):
+            m.num_batches_tracked.fill_(9)
+        if version == 2 and strict:
+            for m in (ours, theirs):
+                with pytest.raises(RuntimeError, match="num_batches_tracked"):
+                    m.load_state_dict(sd, strict=True)
+            continue
+        ours.load_state_dict(sd, strict=strict)
+        theirs.load_state_dict(sd, strict=strict)
+        assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 9
 
 
 def test_repr_reset_and_factory_kwargs():

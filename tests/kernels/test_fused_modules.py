@@ -89,13 +89,15 @@ def test_state_dict_both_ways():
 
 
 def test_repr_and_identity_none():
-    assert "activation='relu'" in repr(BatchNormAct2d(3))
-    assert BatchNormAct2d(3, activation=None).activation == "identity"
+    assert "(act): ReLU(inplace=True)" in repr(BatchNormAct2d(3))
+    assert isinstance(BatchNormAct2d(3, apply_act=False).act, torch.nn.Identity)
+    assert isinstance(BatchNormAct2d(3, act_layer=None).act, torch.nn.Identity)
+    assert isinstance(BatchNormAct2d(3, activation="silu").act, torch.nn.SiLU)  # the earlier keyword
 
 
 def test_rejected_calls_change_nothing():
     with pytest.raises(ValueError, match="unknown activation"):
-        BatchNormAct2d(3, activation="gelu")
+        BatchNormAct2d(3, act_layer="no-such-activation")
     m = BatchNormAct2d(3, backend="triton").to(DEV)
     _randomize(m, 3)
     before = {k: v.clone() for k, v in m.state_dict().items()}

@@ -49,8 +49,9 @@ from torch import Tensor, nn
 
 from ..errors import InputError, InputTypeError
 from ..functional.batch_norm import batch_norm
-from ..functional.pipeline import THIS_BATCH, ThisBatch, run
+from ..functional.pipeline import THIS_BATCH, ThisBatch, check_eps, check_momentum, run
 from ..functional.stats import BatchStats, PrecisionState, merge, moments, off_center, stat_dtype
+from ..nn._base import check_num_features, torch_init
 from ..nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_batch_norm", "world_size", "DEFAULT_TIMEOUT_S"]
@@ -237,7 +238,7 @@ def sync_batch_norm(
                check_finite=check_finite, backend="aten", state=precision_state, what="sync_batch_norm")
 
 
-class SyncBatchNorm(_BatchNorm):
+class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
     r"""Batch norm whose training statistics span all processes of a ``torch.distributed`` group.
 
     .. math::
@@ -245,9 +246,10 @@ class SyncBatchNorm(_BatchNorm):
 
     with ``E``/``Var`` over the union of all ranks' batches (exact Chan merge; see
     :func:`sync_batch_norm`). Eval mode, and training without an initialized process
-    group or with one process, is plain batch norm. Constructor and state_dict are those
-    of :class:`torch.nn.SyncBatchNorm` (``process_group`` is not saved). Accepts any
-    ``(N, C, *)`` input; ranks may have different ``N``, including 0.
+    group or with one process, is plain batch norm. A :class:`torch.nn.SyncBatchNorm`: its
+    constructor (plus keyword-only ``check_finite``, ``backend`` and ``timeout``) and state_dict
+    (``process_group`` is not saved). Accepts any ``(N, C, *)`` input; ranks may have
+    different ``N``, including 0.
 
     Example::
 
@@ -268,13 +270,19 @@ class SyncBatchNorm(_BatchNorm):
         device=None,
         dtype=None,
         *,
+        bias: bool = True,
         check_finite: bool = False,
         backend: str = "auto",
         timeout: Optional[float] = DEFAULT_TIMEOUT_S,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         check_finite=check_finite, backend=backend)  # fmt: skip
-        self.process_group = process_group
+        check_num_features(num_features)
+        check_eps(eps, "SyncBatchNorm")
+        check_momentum(momentum, "SyncBatchNorm")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise InputError(f"SyncBatchNorm: timeout must be a positive number of seconds or None, got {timeout!r}")
+        torch_init(self, nn.SyncBatchNorm, num_features, eps, momentum, affine, track_running_stats, process_group,
+                   device, dtype, bias=bias)  # fmt: skip
+        self._init_options(check_finite, backend)
         #: seconds to wait for the other ranks in each collective (None: the process group's timeout)
         self.timeout = timeout
         self._verified = False  # channel counts compared with the other ranks (first training call)

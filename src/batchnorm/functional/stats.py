@@ -358,9 +358,11 @@ def var_from_rstd(rstd: Tensor, eps: float) -> Tensor:
 def needs_blocks(x: Tensor, count: int) -> bool:
     """Whether the native kernel's single pass would lose precision on ``x`` (``count`` values
     per channel): rule 2 of the module docstring."""
-    if x.is_cuda or x.device.type != "cpu":
+    if count <= BLOCK_VALUES:
+        return False
+    if not x.is_cpu:
         return count > DEVICE_BLOCK_VALUES
-    return count > BLOCK_VALUES and not (x.is_contiguous() and x.stride(1) != 1)
+    return not (x.is_contiguous() and x.stride(1) != 1)
 
 
 def _blocks(x: Tensor) -> Optional[List[Tensor]]:

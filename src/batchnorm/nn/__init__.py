@@ -1,6 +1,5 @@
-"""``nn.Module`` drop-ins. One base (:class:`NormBase`) owns parameters, buffers and state-dict compatibility."""
+"""``nn.Module`` drop-ins, each a subclass of the torch.nn class it replaces (see :mod:`._base`)."""
 
-from ._base import NormBase
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .fused import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze, unfreeze
@@ -9,7 +8,6 @@ from .groupnorm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, RenormSchedule
 
 __all__ = [
-    "NormBase",
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
     "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "RenormSchedule",

@@ -1,160 +1,131 @@
-"""The base every normalization module of this library shares.
+"""What this library adds to the torch.nn classes it subclasses.
 
-It owns what torch.nn's ``_NormBase`` owns - parameters (``weight``, ``bias``),
-buffers (``running_mean``, ``running_var``, ``num_batches_tracked``), their reset,
-``extra_repr`` and state-dict versioning - with the same names and semantics, so
-checkpoints load in both directions between ``torch.nn.BatchNorm2d`` and
-``batchnorm.BatchNorm2d``. Subclasses choose the expected input rank and the
-functional that computes the forward.
+Every module here *is* the torch.nn class it replaces (``batchnorm.BatchNorm2d`` is a
+``torch.nn.BatchNorm2d``, ``batchnorm.SyncBatchNorm`` a ``torch.nn.SyncBatchNorm``, ...), so
+``isinstance`` checks in PyTorch and in the ecosystem (``torch.optim.swa_utils.update_bn``,
+fvcore, timm, detection codebases) see them, and parameters, buffers, ``state_dict``
+versioning, ``reset_parameters`` and ``extra_repr`` are torch.nn's own. What the subclasses
+replace is ``forward`` (the normalization pipeline of :mod:`batchnorm.functional.pipeline`),
+and what they add is in :class:`BatchNormMixin`: the keyword-only ``check_finite`` and
+``backend``, a :class:`~batchnorm.functional.stats.PrecisionState`, argument validation at
+construction, and one behaviour under ``torch.fx`` tracing (:func:`fx_leaf`).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
-from ..functional.pipeline import check_eps, check_momentum
+from ..errors import InputError, InputTypeError
+from ..functional.backends import BACKENDS
+from ..functional.pipeline import THIS_BATCH, ThisBatch, check_eps, check_momentum, run
 from ..functional.stats import PrecisionState
 
+__all__ = ["BatchNormMixin", "fx_leaf", "check_num_features", "torch_init", "NORM_VALUES", "copy_norm_values"]
 
-class NormBase(nn.Module):
-    """Parameters, running statistics and their bookkeeping for per-channel norms.
 
-    Args:
-        num_features: ``C``, the number of channels (dimension 1 of the input).
-        eps: added to the variance for numerical stability.
-        momentum: weight of the new batch in the running statistics (PyTorch's
-            convention; Keras' ``decay=0.99`` is ``momentum=0.01``), or ``None`` for
-            the cumulative average.
-        affine: learnable per-channel ``weight`` (gamma, init 1) and ``bias`` (beta, init 0).
-        bias: with ``affine``, whether to learn ``bias`` (beta) too (as in torch >= 2.13).
-        track_running_stats: keep ``running_mean``/``running_var`` for inference; when
-            False, batch statistics are used in eval mode too.
-        check_finite: raise on NaN/Inf input or statistics before running statistics change.
-        backend: ``"auto"``, ``"aten"`` or ``"triton"`` (see :func:`batchnorm.functional.batch_norm`).
+def fx_leaf(module: nn.Module, *args):
+    """Under ``torch.fx`` tracing (a ``Proxy`` argument), record ``module`` as one ``call_module`` node,
+    as the tracer does for torch.nn's own modules; else ``None``.
+
+    torch.fx traces *into* modules defined outside ``torch.nn``; ours validate their input and read
+    its shape, which a ``Proxy`` cannot answer. As a leaf, the traced graph calls the module itself,
+    so ``symbolic_trace``, FX quantization and feature extractors work and keep this library's forward.
+    """
+    proxy = next((a for a in args if isinstance(a, fx.Proxy)), None)
+    if proxy is None:
+        return None
+    tracer = proxy.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+
+
+def check_num_features(n, name: str = "num_features") -> None:
+    """A positive int (``bool`` is not one)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InputError(f"{name} must be a positive int (the channel count C), got {n!r}")
+
+
+def torch_init(module: nn.Module, cls: type, *args, bias: bool = True, **kwargs) -> None:
+    """``cls.__init__(module, *args, **kwargs, bias=bias)``; on PyTorch releases whose norms have no
+    ``bias=`` yet, the bias parameter is removed afterwards (same state_dict as a newer release)."""
+    if "bias" in inspect.signature(cls.__init__).parameters:
+        cls.__init__(module, *args, bias=bias, **kwargs)
+        return
+    cls.__init__(module, *args, **kwargs)
+    if not bias and getattr(module, "bias", None) is not None:
+        module.register_parameter("bias", None)
+
+
+class BatchNormMixin:
+    """The batch-norm family's forward and options, mixed in before a torch.nn ``_BatchNorm`` class.
+
+    ``forward`` runs :func:`batchnorm.functional.pipeline.run` with the statistics source that
+    :meth:`_source` names (this batch, here; the variants override only that). Constructor
+    arguments are torch.nn's plus keyword-only ``check_finite`` (raise before any update if the
+    input or the statistics are not finite) and ``backend`` (``"auto"``, ``"aten"``, ``"triton"``).
+    Unlike torch.nn, ``momentum`` must be in [0, 1] or None, ``eps`` a finite number >= 0 and
+    ``num_features`` a positive int (docs/compat.md).
     """
 
-    _version = 2  # torch.nn's: version 2 added num_batches_tracked
-    #: number of input dimensions this class accepts (``None``: any >= 2)
-    _input_dims: tuple[int, ...] = ()
+    #: input ranks the class accepts (empty: any rank >= 2)
+    _input_dims: tuple = ()
 
-    num_features: int
-    eps: float
-    momentum: Optional[float]
-    affine: bool
-    track_running_stats: bool
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 check_finite: bool = False, backend: str = "auto") -> None:  # fmt: skip
+        name = type(self).__name__
+        check_num_features(num_features)
+        check_eps(eps, name)
+        check_momentum(momentum, name)
+        torch_init(self, self._torch_class(), num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                   bias=bias)  # fmt: skip
+        self._init_options(check_finite, backend)
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        bias: bool = True,
-        check_finite: bool = False,
-        backend: str = "auto",
-    ) -> None:
-        super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int (the channel count C), got {num_features!r}")
-        check_eps(eps, type(self).__name__)
-        check_momentum(momentum, type(self).__name__)
-        factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
+    @classmethod
+    def _torch_class(cls) -> type:
+        """The first torch.nn class in the method resolution order: the one this class replaces."""
+        return next(c for c in cls.__mro__ if c.__module__.startswith("torch.nn"))
+
+    def _init_options(self, check_finite: bool, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise InputError(f"{type(self).__name__}: backend must be one of {BACKENDS}, got {backend!r}")
+        if not isinstance(check_finite, bool):
+            raise InputTypeError(f"{type(self).__name__}: check_finite must be True or False, got {check_finite!r}")
         self.check_finite = check_finite
         self.backend = backend
         #: the off-centre decision carried across steps on a GPU (not state_dict state)
         self._precision = PrecisionState()
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer(
-                "num_batches_tracked",
-                torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory.items() if k != "dtype"}),
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
 
-    def reset_running_stats(self) -> None:
-        """Running mean 0, running variance 1, ``num_batches_tracked`` 0."""
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
+    def _source(self) -> ThisBatch:
+        """Where a training step's statistics come from (the variants override this, and only this)."""
+        return THIS_BATCH
 
-    def reset_parameters(self) -> None:
-        """Reset running statistics, then ``weight = 1`` and ``bias = 0``."""
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+    def forward(self, input: Tensor) -> Tensor:
+        traced = fx_leaf(self, input)
+        return traced if traced is not None else self._forward(input)
+
+    def _forward(self, input: Tensor, residual: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
+        training = self.training
+        if training and not self.track_running_stats:  # batch statistics, nothing to update
+            rm = rv = nbt = None
+        else:
+            rm, rv = self.running_mean, self.running_var
+            nbt = self.num_batches_tracked if training else None
+            training = training or rm is None  # eval without running statistics: batch statistics (torch.nn)
+        return run(input, self._source() if training else THIS_BATCH, self.weight, self.bias, rm, rv, nbt, training,
+                   self.momentum, self.eps, residual, activation, self.check_finite, self.backend, self._precision,
+                   type(self).__name__, self._input_dims, self.num_features)  # fmt: skip
 
     def extra_repr(self) -> str:
-        s = (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
-        )
+        s = super().extra_repr()
         if self.check_finite:
             s += ", check_finite=True"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
-
-    def _check_input_dim(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{type(self).__name__}: expected a torch.Tensor, got {type(x).__name__}")
-        if self._input_dims and x.dim() not in self._input_dims:
-            dims = " or ".join(f"{d}D" for d in self._input_dims)
-            raise ValueError(
-                f"{type(self).__name__}: expected {dims} input, got {x.dim()}D input of shape {tuple(x.shape)}"
-            )
-        if x.dim() >= 2 and x.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}({self.num_features}): input has {x.shape[1]} channels "
-                f"(dimension 1 of shape {tuple(x.shape)}); expected {self.num_features}. "
-                f"Check num_features, or permute channels-last data to (N, C, ...) first."
-            )
-
-    def _uses_batch_stats(self) -> bool:
-        """Training mode, or eval mode without running statistics (torch.nn's rule)."""
-        return self.training or self.running_mean is None
-
-    def _running_stats_to_update(self):
-        """``(running_mean, running_var, num_batches_tracked)`` to pass to the functional, or Nones."""
-        if self.training and not self.track_running_stats:
-            return None, None, None
-        return self.running_mean, self.running_var, (self.num_batches_tracked if self.training else None)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        version = local_metadata.get("version", None)
-        key = prefix + "num_batches_tracked"
-        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            # checkpoints written before num_batches_tracked existed (torch.nn does the same)
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
 #: the per-channel values a normalization module carries (torch.nn's names)
@@ -175,4 +146,3 @@ def copy_norm_values(src: nn.Module, dst: nn.Module) -> None:
             t.copy_(s)
             if isinstance(s, nn.Parameter) and isinstance(t, nn.Parameter):
                 t.requires_grad_(s.requires_grad)
-

@@ -24,9 +24,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .. import functional as BF
-from ..functional.pipeline import check_eps
-from ._base import NormBase, copy_norm_values
+from ..functional.pipeline import THIS_BATCH, check_eps, run
+from ._base import check_num_features, copy_norm_values, fx_leaf
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze", "unfreeze"]
@@ -44,8 +43,7 @@ class _FrozenBatchNorm(nn.Module):
 
     def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None) -> None:
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int (the channel count C), got {num_features!r}")
+        check_num_features(num_features)
         check_eps(eps, type(self).__name__)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
@@ -58,8 +56,6 @@ class _FrozenBatchNorm(nn.Module):
         #: how :func:`unfreeze` rebuilds the trainable module: ``(class, constructor kwargs)``
         self._origin: Optional[tuple[type, dict]] = None
 
-    _check_input_dim = NormBase._check_input_dim
-
     def scale_shift(self) -> tuple[Tensor, Tensor]:
         """Per-channel ``(scale, shift)`` with ``y = x * scale + shift``, in float32 (float64 for float64 buffers)."""
         work = torch.float64 if self.running_var.dtype == torch.float64 else torch.float32
@@ -67,9 +63,12 @@ class _FrozenBatchNorm(nn.Module):
         return scale, self.bias.to(work) - self.running_mean.to(work) * scale
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        return BF.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, training=False,
-                             eps=self.eps, backend="aten")  # fmt: skip
+        traced = fx_leaf(self, input)
+        if traced is not None:
+            return traced
+        return run(input, THIS_BATCH, self.weight, self.bias, self.running_mean, self.running_var, None, False, 0.0,
+                   self.eps, backend="aten", what=type(self).__name__, dims=self._input_dims,
+                   num_features=self.num_features)  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"

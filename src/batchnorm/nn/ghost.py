@@ -6,7 +6,7 @@ from typing import Optional
 
 from ..functional.ghost import check_virtual_batch_size
 from ..functional.pipeline import Virtual
-from .batchnorm import _BatchNorm
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
 
@@ -38,11 +38,12 @@ class _GhostBatchNorm(_BatchNorm):
         dtype=None,
         *,
         virtual_batch_size: int = 32,
+        bias: bool = True,
         check_finite: bool = False,
         backend: str = "auto",
     ) -> None:
         check_virtual_batch_size(virtual_batch_size)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
                          check_finite=check_finite, backend=backend)  # fmt: skip
         self.virtual_batch_size = virtual_batch_size
 
@@ -56,7 +57,7 @@ class _GhostBatchNorm(_BatchNorm):
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
 
-class GhostBatchNorm1d(_GhostBatchNorm):
+class GhostBatchNorm1d(_GhostBatchNorm, BatchNorm1d):
     """Ghost batch norm of ``(N, C)`` or ``(N, C, L)`` input.
 
     Example::
@@ -65,10 +66,8 @@ class GhostBatchNorm1d(_GhostBatchNorm):
         >>> y = m(torch.randn(64, 100))
     """
 
-    _input_dims = (2, 3)
 
-
-class GhostBatchNorm2d(_GhostBatchNorm):
+class GhostBatchNorm2d(_GhostBatchNorm, BatchNorm2d):
     """Ghost batch norm of ``(N, C, H, W)`` input.
 
     Example::
@@ -77,10 +76,8 @@ class GhostBatchNorm2d(_GhostBatchNorm):
         >>> y = m(torch.randn(128, 64, 8, 8))
     """
 
-    _input_dims = (4,)
 
-
-class GhostBatchNorm3d(_GhostBatchNorm):
+class GhostBatchNorm3d(_GhostBatchNorm, BatchNorm3d):
     """Ghost batch norm of ``(N, C, D, H, W)`` input.
 
     Example::
@@ -88,5 +85,3 @@ class GhostBatchNorm3d(_GhostBatchNorm):
         >>> m = GhostBatchNorm3d(16, virtual_batch_size=4)
         >>> y = m(torch.randn(8, 16, 4, 8, 8))
     """
-
-    _input_dims = (5,)

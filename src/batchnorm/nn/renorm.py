@@ -6,7 +6,7 @@ from typing import Optional
 
 from ..functional.pipeline import THIS_BATCH, Renorm, ThisBatch
 from ..functional.renorm import Limit, RenormSchedule, check_limits, resolve_limit
-from .batchnorm import _BatchNorm
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "RenormSchedule"]
 
@@ -45,6 +45,7 @@ class _BatchRenorm(_BatchNorm):
         *,
         r_max: Limit = 3.0,
         d_max: Limit = 5.0,
+        bias: bool = True,
         check_finite: bool = False,
         backend: str = "auto",
     ) -> None:
@@ -54,7 +55,7 @@ class _BatchRenorm(_BatchNorm):
                 f"track_running_stats must be True (for batch statistics only use batchnorm.BatchNorm*d)"
             )
         check_limits(1.0 if callable(r_max) else r_max, 0.0 if callable(d_max) else d_max)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
                          check_finite=check_finite, backend=backend)  # fmt: skip
         self.r_max = r_max
         self.d_max = d_max
@@ -101,7 +102,7 @@ class _BatchRenorm(_BatchNorm):
         return f"{super().extra_repr()}, r_max={self.r_max!r}, d_max={self.d_max!r}"
 
 
-class BatchRenorm1d(_BatchRenorm):
+class BatchRenorm1d(_BatchRenorm, BatchNorm1d):
     """Batch renorm of ``(N, C)`` or ``(N, C, L)`` input.
 
     Example::
@@ -110,10 +111,8 @@ class BatchRenorm1d(_BatchRenorm):
         >>> y = m(torch.randn(20, 100))
     """
 
-    _input_dims = (2, 3)
 
-
-class BatchRenorm2d(_BatchRenorm):
+class BatchRenorm2d(_BatchRenorm, BatchNorm2d):
     """Batch renorm of ``(N, C, H, W)`` input.
 
     Example::
@@ -123,10 +122,8 @@ class BatchRenorm2d(_BatchRenorm):
         >>> y = m(torch.randn(8, 64, 16, 16))
     """
 
-    _input_dims = (4,)
 
-
-class BatchRenorm3d(_BatchRenorm):
+class BatchRenorm3d(_BatchRenorm, BatchNorm3d):
     """Batch renorm of ``(N, C, D, H, W)`` input.
 
     Example::
@@ -134,5 +131,3 @@ class BatchRenorm3d(_BatchRenorm):
         >>> m = BatchRenorm3d(16)
         >>> y = m(torch.randn(4, 16, 4, 8, 8))
     """
-
-    _input_dims = (5,)
