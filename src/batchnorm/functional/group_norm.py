@@ -102,7 +102,7 @@ def group_norm(
     _check_param(bias, "bias", (c,), input, what)
     check_eps(eps, what)
     n, g = input.shape[0], num_groups
-    if input.numel() == 0:
+    if input.numel() == 0 or torch.jit.is_tracing():  # (torch.jit.trace, the TorchScript ONNX exporter: torch's op)
         return torch.group_norm(input, g, weight, bias, eps)
     hxw = input.numel() // (n * c)
     per = c // g
@@ -155,7 +155,7 @@ def layer_norm(
     _check_param(weight, "weight", shape, input, what)
     _check_param(bias, "bias", shape, input, what)
     check_eps(eps, what)
-    if input.numel() == 0:
+    if input.numel() == 0 or torch.jit.is_tracing():  # (torch.jit.trace, the TorchScript ONNX exporter: torch's op)
         return torch.layer_norm(input, shape, weight, bias, eps)
     lead = input.dim() - len(shape)
 
@@ -224,6 +224,9 @@ def instance_norm(
         )
     if running_mean is not None and momentum is None and num_batches_tracked is None:
         raise InputError(f"{what}: momentum=None (cumulative average) needs num_batches_tracked")
+    if torch.jit.is_tracing():  # (torch.jit.trace, the TorchScript ONNX exporter: torch's op)
+        return torch.instance_norm(input, weight, bias, running_mean, running_var, True,
+                                   0.0 if momentum is None else momentum, eps, False)  # fmt: skip
     flat = input.reshape((1, n * c) + tuple(input.shape[2:]))
     w = None if weight is None else weight.repeat(n)
     b = None if bias is None else bias.repeat(n)

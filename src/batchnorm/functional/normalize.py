@@ -90,7 +90,7 @@ class _Normalize(torch.autograd.Function):
         rstd = torch.rsqrt(var + eps)
         if chunk is None:
             y = torch.native_batch_norm(_centred(x, shift, 0, None), weight, bias, mean, var, False, 0.0, eps)[0]
-        elif _n_outermost(x):  # one output, each part written in place
+        elif _n_outermost(x) and not torch.compiler.is_compiling():  # one output, each part written in place
             y = torch.empty_like(x)
             none = mean.new_empty(0)  # (the statistics outputs have the statistics dtype)
             for k, (xc, yc) in enumerate(zip(x.split(chunk), y.split(chunk))):
@@ -117,7 +117,8 @@ class _Normalize(torch.autograd.Function):
                                  "not differentiable); use batchnorm.BatchNorm*d for higher-order gradients")
             dx, dw, db = _backward_with_hook(dy, _centred(x, shift, 0, None), weight, mean, var, rstd, eps,
                                              ctx.hook, need_x)  # fmt: skip
-        elif chunk is not None and not torch.is_grad_enabled() and _n_outermost(x) and dy.stride() == x.stride():
+        elif (chunk is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+              and _n_outermost(x) and dy.stride() == x.stride()):  # fmt: skip
             # parts written in place into one gradient buffer (out= kernels are not differentiable:
             # under create_graph the general loop below runs instead)
             dx = torch.empty_like(x)

@@ -77,6 +77,8 @@ def check_input(x, weight, bias, running_mean, running_var, *, training: bool, r
             f"{what}: input has dtype {x.dtype}; batch norm needs a floating-point input "
             f"(float32, float64, float16 or bfloat16). Convert it first, e.g. x.float()."
         )
+    if x.dim() < 2 and x.numel() == 0:
+        return 0  # torch.nn returns an empty output for an input without values, whatever its rank
     if x.dim() < 2:
         raise InputError(
             f"{what}: expected an input of shape (N, C, *) with at least 2 dimensions, "

@@ -1,0 +1,236 @@
+"""The tools people already use see, trace, export and compile models built from this library.
+
+``isinstance`` checks (swa_utils.update_bn, convert_sync_batchnorm), ``torch.fx.symbolic_trace``,
+``torch.export``, both ONNX exporters (run in onnxruntime against eager), ``torch.compile(fullgraph=True)``,
+``bias=`` everywhere, and timm-style ``BatchNormAct2d`` checkpoints."""
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+from family._util import data
+from tolerances import REL_TOL, REL_TOL_VS_TORCH, assert_rel_close
+
+F32 = REL_TOL[torch.float32]
+VS_TORCH = REL_TOL_VS_TORCH[torch.float32]
+
+#: (ours, the torch.nn class it must be an instance of)
+INSTANCES = [
+    (lambda: batchnorm.BatchNorm1d(4), nn.BatchNorm1d),
+    (lambda: batchnorm.BatchNorm2d(4), nn.BatchNorm2d),
+    (lambda: batchnorm.BatchNorm3d(4), nn.BatchNorm3d),
+    (lambda: batchnorm.SyncBatchNorm(4), nn.SyncBatchNorm),
+    (lambda: batchnorm.GroupNorm(2, 4), nn.GroupNorm),
+    (lambda: batchnorm.LayerNorm(4), nn.LayerNorm),
+    (lambda: batchnorm.InstanceNorm1d(4), nn.InstanceNorm1d),
+    (lambda: batchnorm.InstanceNorm2d(4), nn.InstanceNorm2d),
+    (lambda: batchnorm.InstanceNorm3d(4), nn.InstanceNorm3d),
+    (lambda: batchnorm.GhostBatchNorm2d(4), nn.BatchNorm2d),
+    (lambda: batchnorm.BatchRenorm2d(4), nn.BatchNorm2d),
+    (lambda: batchnorm.BatchNormAct2d(4), nn.BatchNorm2d),
+]
+
+
+@pytest.mark.parametrize("make,cls", INSTANCES, ids=lambda v: getattr(v, "__name__", ""))
+def test_instances_of_the_torch_nn_classes(make, cls):
+    m = make()
+    assert isinstance(m, cls)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        assert isinstance(m, nn.modules.batchnorm._NormBase)
+
+
+@pytest.mark.parametrize("make,cls", INSTANCES, ids=lambda v: getattr(v, "__name__", ""))
+def test_bias_false_everywhere(make, cls):
+    m = make()
+    kw = {k: getattr(m, k) for k in ("virtual_batch_size",) if hasattr(m, k)}
+    args = (m.num_groups, m.num_channels) if isinstance(m, nn.GroupNorm) else (
+        (m.normalized_shape,) if isinstance(m, nn.LayerNorm) else (m.num_features,))
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm):
+        kw["affine"] = True
+    no_bias = type(m)(*args, bias=False, **kw)
+    theirs = cls(*args, bias=False, **({"affine": True} if "affine" in kw else {}))
+    assert no_bias.bias is None and no_bias.weight is not None
+    assert list(no_bias.state_dict()) == list(theirs.state_dict())
+
+
+def _net(lib):
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), lib.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 8),
+                         lib.BatchNorm1d(8))  # fmt: skip
+
+
+def test_swa_update_bn_recomputes_our_statistics_like_torch_nn():
+    ours, theirs = _net(batchnorm), _net(nn)
+    theirs.load_state_dict(ours.state_dict())
+    loader = [data((8, 3, 4, 4), s) for s in range(4)]
+    for net in (ours, theirs):
+        torch.optim.swa_utils.update_bn(loader, net)
+    for k, v in theirs.state_dict().items():
+        assert_rel_close(ours.state_dict()[k], v, VS_TORCH, k) if v.is_floating_point() else None
+    assert int(ours[1].num_batches_tracked) == int(theirs[1].num_batches_tracked) == 4
+    assert ours[1].momentum == 0.1  # restored afterwards, as for torch.nn
+
+
+def test_torch_convert_sync_batchnorm_sees_our_layers():
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(_net(batchnorm))
+    assert isinstance(converted[1], nn.SyncBatchNorm)
+
+
+class _AllModules(nn.Module):
+    """Every module of the library in one model (eval-mode functions composed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = batchnorm.BatchNorm2d(8)
+        self.act = batchnorm.BatchNormAct2d(8)
+        self.gn = batchnorm.GroupNorm(2, 8)
+        self.inorm = batchnorm.InstanceNorm2d(8, affine=True)
+        self.ln = batchnorm.LayerNorm([8, 5, 5])
+        self.ghost = batchnorm.GhostBatchNorm2d(8, virtual_batch_size=2)
+        self.renorm = batchnorm.BatchRenorm2d(8, r_max=1.5, d_max=0.5)
+        self.frozen = batchnorm.FrozenBatchNorm2d(8)
+        self.sync = batchnorm.SyncBatchNorm(8)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(200, 6), batchnorm.BatchNorm1d(6))
+
+    def forward(self, x):
+        x = self.conv(x)
+        for m in (self.bn, self.act, self.gn, self.inorm, self.ln, self.ghost, self.renorm, self.frozen, self.sync):
+            x = m(x)
+        return self.head(x)
+
+
+def _trained_model():
+    torch.manual_seed(0)
+    m = _AllModules()
+    for s in range(3):
+        m(data((4, 3, 5, 5), s))
+    return m.eval()
+
+
+def test_fx_symbolic_trace_keeps_our_modules_as_leaves():
+    m = _trained_model()
+    gm = torch.fx.symbolic_trace(m)
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert {"bn", "act", "gn", "inorm", "ln", "ghost", "renorm", "frozen", "sync", "head.2"} <= called
+    x = data((4, 3, 5, 5), 9)
+    assert torch.equal(gm(x), m(x))
+    # training through the traced graph updates the same buffers as the eager model
+    eager, traced = _trained_model().train(), torch.fx.symbolic_trace(_trained_model()).train()
+    for s in range(2):
+        assert_rel_close(traced(data((4, 3, 5, 5), 20 + s)), eager(data((4, 3, 5, 5), 20 + s)), 0.0, "train")
+    for k, v in eager.state_dict().items():
+        assert torch.equal(traced.state_dict()[k], v), k
+
+
+def test_torch_export_eval_and_train():
+    x = data((4, 3, 5, 5), 9)
+    m = _trained_model()
+    ep = torch.export.export(m, (x,))
+    assert_rel_close(ep.module()(x), m(x), VS_TORCH, "exported (eval)")
+    m2 = _trained_model().train()
+    ep2 = torch.export.export(_trained_model().train(), (x,))
+    assert_rel_close(ep2.module()(x), m2(x), VS_TORCH, "exported (train)")
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_onnx_export_runs_in_onnxruntime(dynamo, tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="pip install batchnorm[dev] installs onnxruntime")
+    pytest.importorskip("onnxscript" if dynamo else "onnx", reason="pip install batchnorm[dev]")
+    m = _trained_model()
+    x = data((4, 3, 5, 5), 9)
+    path = str(tmp_path / "m.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (x,), path, dynamo=dynamo)
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    assert_rel_close(out, m(x).detach().numpy(), 1e-5, "onnxruntime vs eager")
+
+
+def test_torch_compile_fullgraph_every_module():
+    x = data((4, 3, 5, 5), 9)
+    eager, compiled_mod = _trained_model().train(), _trained_model().train()
+    compiled = torch.compile(compiled_mod, fullgraph=True, backend="aot_eager")
+    for s in range(2):
+        xs = data((4, 3, 5, 5), 30 + s)
+        assert_rel_close(compiled(xs), eager(xs), 1e-5, f"compiled train step {s}")
+    for k, v in eager.state_dict().items():
+        if v.is_floating_point():  # (layers after a norm see unit-scale data: their running means sit near 0)
+            assert_rel_close(compiled_mod.state_dict()[k], v, 1e-5, k, scale=1.0)
+        else:
+            assert torch.equal(compiled_mod.state_dict()[k], v), k
+    eager.eval(), compiled_mod.eval()
+    assert_rel_close(compiled(x), eager(x), 1e-5, "compiled eval")
+
+
+# --- timm-style BatchNormAct2d ---------------------------------------------------------------------
+
+
+class TimmStyleBatchNormAct2d(nn.BatchNorm2d):
+    """A module built like timm's ``BatchNormAct2d`` (timm cannot be installed beside the CPU build of torch
+    here): a BatchNorm2d subclass with dropout in ``.drop`` and the activation in ``.act``, applied in that
+    order after the normalization; ``apply_act=False`` makes ``.act`` an identity."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, apply_act=True,
+                 act_layer=nn.ReLU, act_kwargs=None, inplace=True, drop_layer=None):  # fmt: skip
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        kwargs = dict(act_kwargs or {})
+        if act_layer in (nn.ReLU, nn.SiLU, nn.LeakyReLU):
+            kwargs["inplace"] = inplace
+        self.act = act_layer(**kwargs) if apply_act else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+TIMM_CONFIGS = {
+    "relu": dict(),
+    "silu": dict(act_layer=nn.SiLU),
+    "gelu": dict(act_layer=nn.GELU),
+    "leaky_relu with act_kwargs": dict(act_layer=nn.LeakyReLU, act_kwargs={"negative_slope": 0.2}),
+    "no activation": dict(apply_act=False),
+    "dropout (eval)": dict(drop_layer=lambda: nn.Dropout(0.5)),
+    "eps and momentum positional": dict(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_CONFIGS))
+def test_timm_checkpoint_loads_with_equal_outputs(name):
+    kw = TIMM_CONFIGS[name]
+    args = (6, 1e-3, 0.3) if "positional" in name else (6,)
+    timm_like = TimmStyleBatchNormAct2d(*args, **kw)
+    with torch.no_grad():
+        timm_like.weight.uniform_(0.5, 1.5), timm_like.bias.uniform_(-1, 1)
+    for s in range(2):
+        timm_like(data((4, 6, 3, 3), s))  # some running statistics
+    ours = batchnorm.BatchNormAct2d(*args, **kw)
+    ours.load_state_dict(timm_like.state_dict())  # strict: the same keys
+    assert type(ours.act) is type(timm_like.act) and type(ours.drop) is type(timm_like.drop)
+    assert ours.eps == timm_like.eps and ours.momentum == timm_like.momentum
+    x = data((4, 6, 3, 3), 7, offset=0.5)
+    timm_like.eval(), ours.eval()
+    assert_rel_close(ours(x), timm_like(x), VS_TORCH, f"{name}: eval")
+    if "dropout" not in name:  # (training-mode dropout is random)
+        timm_like.train(), ours.train()
+        assert_rel_close(ours(x), timm_like(x), VS_TORCH, f"{name}: train")
+        for k, v in timm_like.state_dict().items():
+            assert_rel_close(ours.state_dict()[k], v, VS_TORCH, k) if v.is_floating_point() else None
+
+
+def test_fused_path_only_for_activations_the_kernels_know():
+    assert batchnorm.BatchNormAct2d(4)._fused_name() == "relu"
+    assert batchnorm.BatchNormAct2d(4, act_layer="silu")._fused_name() == "silu"
+    assert batchnorm.BatchNormAct2d(4, apply_act=False)._fused_name() is None
+    assert batchnorm.BatchNormAct2d(4, act_layer=nn.GELU)._fused_name() is False
+    assert batchnorm.BatchNormAct2d(4, drop_layer=nn.Dropout)._fused_name() is False
+    m = batchnorm.BatchNormAct2d(4, act_layer=nn.GELU)
+    x, r = data((2, 4, 3, 3), 1), data((2, 4, 3, 3), 2)
+    ref = nn.functional.gelu(nn.functional.batch_norm(x, None, None, training=True) + r)
+    assert_rel_close(m(x, residual=r), ref, F32, "gelu(bn(x) + residual)")
+    assert np.isfinite(m(x).detach().numpy()).all()
