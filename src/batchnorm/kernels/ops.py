@@ -7,8 +7,6 @@ formula that only saves tensors (``x``, the parameters, the ``(C,)`` statistics,
 the residual only when the activation must be recomputed) and calls the backward op.
 """
 
-from __future__ import annotations
-
 from typing import Optional, Tuple
 
 import torch
@@ -16,6 +14,8 @@ from torch import Tensor
 
 from . import launch
 
+# No ``from __future__ import annotations`` here: torch.library.custom_op reads the annotations
+# as objects, and torch 2.4-2.6 reject string annotations ("unsupported type Tensor").
 _Stats = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
