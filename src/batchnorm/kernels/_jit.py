@@ -57,6 +57,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+#: runtime integers Triton must not specialize (on "equal to 1" / "divisible by 16"): sizes and
+#: tile counts change with the batch, and a new batch size should not compile new kernels. The
+#: alignment the loads need comes from ``VEC`` instead.
+RUNTIME_INTS = ["C", "S", "n_sblocks", "n_tiles", "tiles_per_prog", "n_split"]
+_kernel = triton.jit(do_not_specialize=RUNTIME_INTS)
+
 #: streamed (activation-sized) pointer parameters of each kernel: name -> (access, flag that
 #: enables it or None). The compiled-code check (benchmarks/compiled.py) counts bytes with it.
 STREAMED = {
@@ -212,7 +218,7 @@ def _saved_stats(SHIFT, DMEAN, RSTD, c, cmask):
     return k, d, rstd
 
 
-@triton.jit
+@_kernel
 def bn_stats_partial_kernel(
     X, sxn, sxc, sxs,            # input view (N', C, S') and its strides
     PCOUNT, PMEAN, PM2,          # out: (n_split, C) float32 partial count / mean of x-k / M2
@@ -249,7 +255,7 @@ def bn_stats_partial_kernel(
     tl.store(PM2 + j * C + c, m2, mask=cmask)
 
 
-@triton.jit
+@_kernel
 def bn_stats_finalize_kernel(
     X, sxc,                      # input (for the shift k_c = x[0, c, 0]) and its channel stride
     PCOUNT, PMEAN, PM2, n_split,  # partials of pass 1
@@ -264,7 +270,7 @@ def bn_stats_finalize_kernel(
     _finish_stats(X, sxc, c, cmask, cmask, cnt, d, m2, eps, MEAN, RSTD, SHIFT, DMEAN)
 
 
-@triton.jit
+@_kernel
 def bn_apply_kernel(
     X, sxn, sxc, sxs,            # input view (N', C, S')
     Y, syn, syc, sys,            # out: y, same view
@@ -316,7 +322,7 @@ def bn_apply_kernel(
         tl.store(Y + _offsets(n, c, s, syn, syc, sys, VEC, C_INNER, INT64), y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@_kernel
 def bn_bwd_reduce_kernel(
     DY, sdn, sdc, sds,           # upstream gradient dL/dy
     X, sxn, sxc, sxs,            # saved input
@@ -361,7 +367,7 @@ def bn_bwd_reduce_kernel(
     tl.store(PSUM_GX + j * C + c, sum_gx, mask=cmask)
 
 
-@triton.jit
+@_kernel
 def bn_bwd_finalize_kernel(
     PSUM_G, PSUM_GX, n_split,    # partials of backward pass 1
     DW, DB,                      # out (C,) float32: dgamma = sum(g * xhat), dbeta = sum(g)
@@ -376,7 +382,7 @@ def bn_bwd_finalize_kernel(
     tl.store(DB + c, sum_g, mask=cmask)
 
 
-@triton.jit
+@_kernel
 def bn_bwd_dx_kernel(
     DY, sdn, sdc, sds,           # g source: dL/dy (ACT recomputed), or g written by pass 1 (ACT = 0)
     X, sxn, sxc, sxs,            # saved input

@@ -44,6 +44,9 @@ ACT_CODES = {"identity": 0, "relu": 1, "silu": 2}
 
 #: target number of values per tile (GPU, CPU interpreter)
 TILE_ELEMENTS = {"cuda": 4096, "cpu": 256}
+#: at most this many global accesses per thread and tensor in one tile: with narrow (unaligned)
+#: accesses the tile shrinks, or every access needs its own 64-bit address in registers
+ACCESSES_PER_THREAD = 4
 #: channel-block width for channels-inner layouts
 MAX_BLOCK_C_INNER = 64
 #: at most this many partial rows are merged by every program of the next pass (one 2-D
@@ -237,9 +240,10 @@ def make_plan(x3: Tensor, others: Sequence[Optional[Tensor]] = (), *, device: Op
     if merged:
         n, s = 1, n * s
     device = device or device_model(x3)
-    tile = tile or TILE_ELEMENTS["cuda" if device.kind == "cuda" else "cpu"]
-    tile = 1 << (int(tile).bit_length() - 1)  # tl.arange needs power-of-two block sizes
     channels_inner = _strides(x3)[1] == 1 and c > 1
+    vec = _vector_width(views, merged, channels_inner, c, s)
+    tile = tile or min(TILE_ELEMENTS["cuda" if device.kind == "cuda" else "cpu"], ACCESSES_PER_THREAD * 32 * 8 * vec)
+    tile = 1 << (int(tile).bit_length() - 1)  # tl.arange needs power-of-two block sizes
     if channels_inner:
         block_c = min(_next_pow2(c), MAX_BLOCK_C_INNER, tile)
         block_s = min(_next_pow2(s), max(1, tile // block_c))
@@ -249,7 +253,6 @@ def make_plan(x3: Tensor, others: Sequence[Optional[Tensor]] = (), *, device: Op
     n_sblocks = triton_cdiv(s, block_s)
     elems = block_c * block_s
     num_warps = 8 if elems >= 4096 else 4 if elems >= 1024 else 2 if elems >= 256 else 1
-    vec = _vector_width(views, merged, channels_inner, c, s)
     # largest offset a tile can form (its masked lanes included), in elements
     reach = max((n - 1) * abs(0 if merged else _strides(t)[0]) + (c - 1 + block_c) * abs(_strides(t)[1])
                 + (s - 1 + block_s) * abs(_strides(t)[2]) for t in views)
