@@ -344,6 +344,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="three ResNet layers at batch 32 and the few-channel cases")
     ap.add_argument("--out", type=Path, help="folder for compiled.json and compiled.md")
+    ap.add_argument("--only", help="regular expression: keep the cases whose 'shape layout dtype' matches it, "
+                    "e.g. '(32, 64, 56, 56) nchw float32'")
     args = ap.parse_args(argv)
     if "TRITON_CACHE_DIR" not in os.environ:
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="bn-compiled-")
@@ -356,7 +358,8 @@ def main(argv=None):
     launch._compiled_resources = lambda fn, a, kw: (lambda v: (v.regs, v.shared))(compiler.compile(fn, a, kw)[1])
     original_launch = launch._launch
     t0 = time.time()
-    todo = [(g, s, lay, dt, ep) for g, s, lay in cases(args.quick) for dt in DTYPES for ep in EPILOGUES]
+    todo = [(g, s, lay, dt, ep) for g, s, lay in cases(args.quick) for dt in DTYPES for ep in EPILOGUES
+            if not args.only or re.search(args.only, f"{s} {lay} {str(dt).replace('torch.', '')}")]
     records = []
     try:
         for i, (group, shape, layout, dtype, ep) in enumerate(todo):

@@ -115,7 +115,7 @@ def device_model(t: Tensor) -> Device:
     """The :class:`Device` that ``t`` lives on (the CPU interpreter: a fixed program count)."""
     if t.is_cuda:
         return _cuda_device(t.device.index if t.device.index is not None else torch.cuda.current_device())
-    return Device("cpu (Triton interpreter)", "cpu")
+    return Device("cpu (Triton interpreter)", "cpu", programs=CPU_PROGRAMS)
 
 
 def _next_pow2(n: int) -> int:
