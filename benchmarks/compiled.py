@@ -33,19 +33,21 @@ Checks (exit status 1 and a FAIL row when one fails):
   two that divides every stride across the unit-stride axis, the extent along it, and the
   16-byte pointer alignment (e.g. NCHW 7x7 rows of 49 values: 4 bytes for float32).
 
-Needs the ``triton`` package only (3.2 or newer: it uses Triton's JIT binder and compiler
-internals, and says so when they are missing). Set ``TRITON_CACHE_DIR`` to reuse compiled
+Needs the ``triton`` package only (checked with 3.6 and 3.9; 3.2's JIT binder differs): it uses
+Triton's JIT binder and compiler internals, and says so when they differ. Set ``TRITON_CACHE_DIR`` to reuse compiled
 variants; by default a fresh temporary cache is used, so the timing is that of a cold run.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -151,7 +153,7 @@ class Compiler:
             from triton.compiler.compiler import make_backend
             from triton.runtime.jit import create_function_from_signature
         except ImportError as e:  # pragma: no cover - depends on the installed Triton
-            sys.exit(f"benchmarks/compiled.py needs Triton's compiler internals (Triton >= 3.2): {e}")
+            sys.exit(f"benchmarks/compiled.py needs Triton's compiler internals (checked with Triton 3.6 and 3.9): {e}")
         import triton
 
         self.triton, self.ASTSource = triton, ASTSource
@@ -167,7 +169,10 @@ class Compiler:
         if binder is None:
             binder = self.binders[fn] = self.make_binder(fn.signature, fn.params, self.backend)
         args = tuple(Fake(a) if isinstance(a, torch.Tensor) else a for a in args)
-        bound, spec, opts = binder(*args, **kwargs)
+        try:
+            bound, spec, opts = binder(*args, **kwargs)
+        except ValueError as e:  # Triton 3.2's binder returns other things
+            sys.exit(f"benchmarks/compiled.py: Triton {self.triton.__version__}'s JIT binder differs from 3.6's: {e}")
         options, signature, constexprs, attrs = fn._pack_args(self.backend, dict(kwargs), bound, spec, opts)
         key = f"{fn.__name__}|{signature}|{constexprs}|{attrs}|{options.num_warps}"
         return key, (signature, constexprs, attrs, options)
@@ -349,6 +354,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if "TRITON_CACHE_DIR" not in os.environ:
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="bn-compiled-")
+        atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
     import triton
 
     from batchnorm.kernels import _jit, launch

@@ -52,8 +52,8 @@ reduces ``sum(g)`` and ``sum(g * xhat)`` per program; the partials are summed on
 ``dx = gamma * rstd * (g - sum(g)/m - xhat * sum(g*xhat)/m)``.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: Triton 3.0's interpreter recognizes ``tl.constexpr``
+# parameters by comparing the annotation objects, and strings never match.
 import triton
 import triton.language as tl
 
@@ -393,7 +393,8 @@ def bn_bwd_dx_kernel(
     C, S, m,                     # m: values per channel (float)
     n_sblocks, n_tiles, tiles_per_prog,
     TRAINING: tl.constexpr, INLINE: tl.constexpr, ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr, VEC: tl.constexpr, C_INNER: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr,
+    VEC: tl.constexpr, C_INNER: tl.constexpr, INT64: tl.constexpr,
 ):
     """Backward pass 2: ``dx = gamma * rstd * (g - sum(g)/m - xhat * sum(g*xhat)/m)`` (training),
     ``dx = gamma * rstd * g`` (inference: the statistics are constants). The sums come from

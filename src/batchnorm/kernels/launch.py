@@ -221,7 +221,8 @@ def _vector_width(views: Sequence[Tensor], merged: bool, channels_inner: bool, c
     vec = 16 // views[0].element_size()
     for t in views:
         sn, sc, ss = _strides(t)
-        unit, across = (sc, [ss] + ([] if merged else [sn])) if channels_inner else (ss, [sc] + ([] if merged else [sn]))
+        outer = [] if merged else [sn]
+        unit, across = (sc, [ss] + outer) if channels_inner else (ss, [sc] + outer)
         if unit != 1:
             return 1
         for v in across + [c if channels_inner else s]:
