@@ -37,8 +37,9 @@ def test_compiled_check_passes(tmp_path):
     kernels = {row[4] for row in result["rows"]}
     assert kernels == KERNELS, kernels  # the few-channel cases need the finalize kernels
     # 7x7 NCHW rows of 49 values allow 4-byte float32 accesses only; everything else 8-16 bytes
-    widths = {(row[2], row[3]): row[9] for row in result["rows"] if row[4] == "bn_apply_kernel"}
-    assert widths[("float32", "56x56")] == "16" and widths[("float32", "7x7")] == "4"
+    widths = {tuple(row[1:4]): row[9] for row in result["rows"] if row[4] == "bn_apply_kernel"}
+    assert widths[("nchw", "float32", "56x56")] == "16" and widths[("nchw", "float32", "7x7")] == "4"
+    assert widths[("nchw", "bfloat16", "14x14")] == "8" and widths[("channels_last", "bfloat16", "7x7")] == "16"
     assert "0 failing launch(es)." in proc.stdout
 
 
