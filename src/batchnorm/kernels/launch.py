@@ -112,7 +112,13 @@ def _cuda_device(index: int) -> Device:
 
 
 def device_model(t: Tensor) -> Device:
-    """The :class:`Device` that ``t`` lives on (the CPU interpreter: a fixed program count)."""
+    """The :class:`Device` that ``t`` lives on (the CPU interpreter: a fixed program count).
+
+    Example::
+
+        >>> device_model(torch.zeros(1)).programs   # CPU: CPU_PROGRAMS
+        4
+    """
     if t.is_cuda:
         return _cuda_device(t.device.index if t.device.index is not None else torch.cuda.current_device())
     return Device("cpu (Triton interpreter)", "cpu", programs=CPU_PROGRAMS)
