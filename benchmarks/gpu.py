@@ -7,7 +7,8 @@ per shape)::
     PYTHONPATH=src python3 benchmarks/gpu.py --out bench_out --quick   # fewer cases, no e2e
 
 ``--dry-run`` runs every code path on the CPU through the Triton interpreter with tiny
-shapes (checks the script, measures nothing meaningful).
+shapes (checks the script, measures nothing meaningful). What the first GPU run must do,
+and the targets it checks: docs/kernels.md, "GPU performance: what the first GPU run must do".
 
 Method
 ------

@@ -177,12 +177,66 @@ def test_train_layouts(shape, layout, act, res):
 
 def test_split_plan_is_exercised():
     # the split shape above really splits and merges partials, and channels_last is channels-inner
+    cpu4 = launch.Device("cpu", "cpu", programs=4)
     x3 = launch.view3(torch.empty(3, 2, 40, 41, device=DEV))
-    p = launch.make_plan(x3, tile=256, programs=4)
-    assert p.n_split > 1 and p.tiles_per_prog > 1 and not p.merged
+    p = launch.make_plan(x3, tile=256, device=cpu4)
+    n_split, tiles_per_prog = p.split(4)
+    assert n_split > 1 and tiles_per_prog > 1 and not p.merged
     xcl = launch.view3(torch.empty(5, 8, 7, 9, device=DEV).contiguous(memory_format=torch.channels_last))
-    p = launch.make_plan(xcl, tile=256, programs=4)
-    assert p.merged and p.block_c == 8 and p.n == 1 and p.s == 5 * 63
+    p = launch.make_plan(xcl, tile=256, device=cpu4)
+    assert p.merged and p.channels_inner and p.block_c == 8 and p.n == 1 and p.s == 5 * 63
+
+
+def test_plan_one_wave_vector_width_and_offsets():
+    # one wave: never more programs than fit (the old grid rounded 528 slots up to 544 programs)
+    x3 = launch.view3(torch.empty(128, 64, 56, 56, device="meta"))
+    p = launch.make_plan(x3, device=launch.H100)
+    for programs in (528, 264, 100, 7):
+        n_split, tpp = p.split(programs)
+        assert p.n_cblocks * n_split <= max(programs, p.n_cblocks) and n_split * tpp >= p.n_tiles
+    # alignment the strides allow, in elements: 14x14 rows of 196 values (784 B: 16-byte aligned
+    # for float32, 8-byte for bfloat16), 7x7 rows of 49 (none), channels_last C = 64 (all)
+    cases = [((32, 256, 14, 14), torch.float32, None, 4), ((32, 256, 14, 14), torch.bfloat16, None, 4),
+             ((32, 512, 7, 7), torch.float32, None, 1), ((32, 64, 7, 7), torch.bfloat16, torch.channels_last, 8),
+             ((16, 6, 33), torch.float32, None, 1)]
+    for shape, dtype, fmt, vec in cases:
+        t = torch.empty(shape, device="meta", dtype=dtype)
+        t = t.contiguous(memory_format=fmt) if fmt else t
+        assert launch.make_plan(launch.view3(t), device=launch.H100).vec == vec, (shape, dtype, fmt)
+    # a residual in another layout than x: no unit stride along the tile's wide axis for it -> scalar
+    x = torch.empty(8, 64, 14, 14, device="meta").contiguous(memory_format=torch.channels_last)
+    r = torch.empty(8, 64, 14, 14, device="meta")
+    assert launch.make_plan(launch.view3(x), [launch.view3(r)], device=launch.H100).vec == 1
+    # offsets: int32 unless a tile can reach past 2**31 (2**31 elements here)
+    assert not launch.make_plan(launch.view3(torch.empty(128, 2048, 7, 7, device="meta")), device=launch.H100).int64
+    big = torch.empty(128, 4, 2048, 2048, device="meta", dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    assert launch.make_plan(launch.view3(big), device=launch.H100).int64
+
+
+def test_resident_programs():
+    # 65536 registers per SM, allocated per warp in units of 256: 8 warps x 32 threads x 64 regs -> 4
+    assert launch.H100.resident_programs(64, 8) == 4
+    assert launch.H100.resident_programs(65, 8) == 3  # 65 * 32 = 2080 -> 2304 per warp
+    assert launch.H100.resident_programs(255, 8) == 1
+    assert launch.H100.resident_programs(32, 4) == 16  # 2048 threads / 128
+    assert launch.H100.resident_programs(16, 1, shared=64 * 1024) == 3
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_finalize_kernels(monkeypatch, layout):
+    # many partial rows: merged once by the finalize kernels (several row blocks), not inline
+    monkeypatch.setattr(launch, "CPU_PROGRAMS", 24)
+    monkeypatch.setattr(launch, "INLINE_ROWS", 1)
+    monkeypatch.setattr(launch, "FINALIZE_ROWS", 4)
+    seen = []
+    real = launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda fn, grid, a, kw: (seen.append(fn.__name__), real(fn, grid, a, kw)))
+    g = torch.Generator().manual_seed(12)
+    x = _layout((torch.randn(3, 5, 40, 41, generator=g) * 2 + 3).to(DEV), layout)
+    r = torch.randn(x.shape, generator=g).to(DEV)
+    check_train(x, r, "relu")
+    assert "bn_stats_finalize_kernel" in seen and "bn_bwd_finalize_kernel" in seen
 
 
 def test_gradient_expanded_dy():

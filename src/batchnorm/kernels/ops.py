@@ -7,8 +7,6 @@ formula that only saves tensors (``x``, the parameters, the ``(C,)`` statistics,
 the residual only when the activation must be recomputed) and calls the backward op.
 """
 
-from __future__ import annotations
-
 from typing import Optional, Tuple
 
 import torch
@@ -16,6 +14,8 @@ from torch import Tensor
 
 from . import launch
 
+# No ``from __future__ import annotations`` here: torch.library.custom_op reads the annotations
+# as objects, and torch 2.4-2.6 reject string annotations ("unsupported type Tensor").
 _Stats = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
@@ -122,3 +122,39 @@ def _(dy, x, weight, bias, residual, shift, dmean, rstd, activation, training, n
     else:
         dres = x.new_empty((0,))
     return launch.output_like(x), _stat_like(x), _stat_like(x), dres
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "double backward (a gradient of a gradient) through the Triton batch-norm kernels is not "
+        "implemented; use backend='aten' for this layer (batchnorm.functional.batch_norm(..., backend='aten') "
+        "or the module's backend='aten'), which supports it."
+    )
+
+
+# create_graph=True works; only differentiating the backward itself raises, with that message
+bn_act_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# --- running statistics -----------------------------------------------------------------
+
+
+@torch.library.custom_op("batchnorm::bn_running_update", mutates_args=("running_mean", "running_var",
+                                                                      "num_batches_tracked"))
+def bn_running_update(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
+                      mean: Tensor, rstd: Tensor, eps: float, count: int, momentum: Optional[float]) -> None:
+    """In-place running-statistics update in one launch (see :func:`launch.running_stats_update`):
+    ``num_batches_tracked += 1``; ``running <- running + w * (batch - running)`` for the mean and the
+    unbiased variance, ``w = momentum`` or ``1 / num_batches_tracked`` when ``momentum`` is None.
+
+    Example::
+
+        >>> y, mean, rstd, _, _ = bn_act_train(x, w, b, None, 1e-5, "relu")
+        >>> bn_running_update(rm, rv, nbt, mean, rstd, 1e-5, x.numel() // x.shape[1], 0.1)
+    """
+    launch.running_stats_update(running_mean, running_var, num_batches_tracked, mean, rstd, eps, count, momentum)
+
+
+@bn_running_update.register_fake
+def _(running_mean, running_var, num_batches_tracked, mean, rstd, eps, count, momentum):
+    return None
