@@ -14,7 +14,7 @@ from tolerances import REL_TOL, assert_rel_close
 from batchnorm import reference as R
 from batchnorm.nn.batchnorm import BatchNorm2d
 from batchnorm.nn.frozen import FrozenBatchNorm2d
-from batchnorm.tools._graph import bn_modules
+from batchnorm.nn.kinds import batchnorm_modules as bn_modules
 from batchnorm.tools.recalibrate import recalibrate
 
 from .models import randomize_bn

@@ -12,7 +12,7 @@ model over ``K`` batches and sets, per BN and channel,
     \hat\sigma^2 = \frac{1}{n - 1}\Big(\sum_k M_{2,k} + \sum_k n_k (\mu_k - \hat\mu)^2\Big)
 
 where batch ``k`` has ``n_k`` values per channel with mean ``mu_k`` and
-``M_{2,k} = n_k * var_k`` (Chan et al.'s exact merge, :func:`batchnorm.functional._core.merge_moments`).
+``M_{2,k} = n_k * var_k`` (Chan et al.'s exact merge, :func:`merge_moments`).
 This is the mean and (unbiased, PyTorch's convention for ``running_var``) variance of the
 union of all the batches - *not* the average of per-batch variances that
 ``momentum=None`` computes, which ignores the spread of the batch means and weights
@@ -22,15 +22,65 @@ batches of unequal size wrongly.
 from __future__ import annotations
 
 import sys
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..functional._core import batch_moments, is_off_center, merge_moments, param_view
-from ._graph import bn_modules, has_running_stats, is_frozen
+from ..nn.kinds import batchnorm_modules, has_running_stats, is_frozen
 
-__all__ = ["recalibrate"]
+__all__ = ["recalibrate", "channel_moments", "merge_moments"]
+
+#: a channel is off-centre when ``|mean| > SHIFT_LIMIT * std``: its float32 mean is then re-measured about
+#: the rounded mean (an exact subtraction), as the library's batch norms do
+SHIFT_LIMIT = 8.0
+
+
+def channel_moments(x: torch.Tensor) -> Tuple[int, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    r"""Per-channel count, mean and biased variance of ``(N, C, *)`` input, in float64.
+
+    Returns ``(n, mean, var, shift)`` with ``n = N * prod(*)``, ``mean``/``var`` of shape ``(C,)``
+    over ``(N, *)``, and ``shift`` (``(C,)`` in ``x``'s dtype, or ``None``): for an input whose
+    channels are off-centre (``|mean| > SHIFT_LIMIT * std``) the moments are re-measured on
+    ``x - shift`` with ``shift`` the mean rounded to ``x``'s dtype (an exact subtraction), so
+    ``mean = shift + mean(x - shift)`` keeps the digits a float32 mean would lose. The reduction
+    is ``torch.var_mean`` (float16/bfloat16 are read in float32).
+
+    Example::
+
+        >>> n, mean, var, shift = channel_moments(torch.randn(8, 3, 4, 4))   # n = 128, shapes (3,)
+    """
+    c = x.shape[1]
+    n = x.numel() // c if c else 0
+    xs = x.detach()
+    if xs.dtype in (torch.float16, torch.bfloat16):
+        xs = xs.float()
+    dims = [0] + list(range(2, x.dim()))
+    var, mean = torch.var_mean(xs, dim=dims, correction=0)
+    shift = None
+    if xs.dtype != torch.float64 and n and bool((mean.abs() > SHIFT_LIMIT * var.sqrt()).any()):
+        shift = mean.to(x.dtype)
+        view = (1, c) + (1,) * (x.dim() - 2)
+        var, res = torch.var_mean(xs - shift.to(xs.dtype).view(view), dim=dims, correction=0)
+        return n, shift.double() + res.double(), var.double(), shift
+    return n, mean.double(), var.double(), shift
+
+
+def merge_moments(counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor):
+    r"""Exact merge of per-part ``(n_k, mean_k, M2_k)`` into the whole's ``(n, mean, M2)`` (Chan et al. 1979).
+
+    ``counts``: ``(K,)``; ``means``, ``m2s``: ``(K, C)`` with ``M2 = sum (x - mean)^2``. Returns
+    ``n = sum n_k``, ``mean = sum n_k mean_k / n`` and ``M2 = sum M2_k + sum n_k (mean_k - mean)^2``.
+
+    Example::
+
+        >>> n, mean, m2 = merge_moments(torch.tensor([3., 5.]), torch.zeros(2, 4), torch.ones(2, 4))
+    """
+    counts = counts.to(means.dtype)
+    n = counts.sum()
+    mean = (counts.unsqueeze(1) * means).sum(0) / n.clamp_min(1)
+    m2 = m2s.sum(0) + (counts.unsqueeze(1) * (means - mean).square()).sum(0)
+    return n, mean, m2
 
 
 def _default_call(model: nn.Module, batch):
@@ -73,19 +123,21 @@ def recalibrate(
     module in eval mode (dropout off, as at inference), then writes per BN, in place:
     ``running_mean`` = the mean of all values its input took, ``running_var`` = their
     unbiased variance (pooled with Chan's merge in float64, see the module docstring), and
-    ``num_batches_tracked +=`` the number of batches it saw (calls, for a BN used twice per forward). Nothing else changes: parameters and all
-    other buffers stay bit-identical, and the training mode of every module is restored
-    in ``try/finally``. If a batch raises, the running statistics are restored to their
-    values before the call and the error propagates.
+    ``num_batches_tracked +=`` the number of batches it saw (calls, for a BN used twice per
+    forward). Nothing else changes: parameters and all other buffers stay bit-identical, and the
+    training mode of every module is restored in ``try/finally``. If a batch raises - including
+    the ``ValueError`` for a batch norm input with NaN/Inf - the running statistics are restored
+    to their values before the call and the error propagates: non-finite data never reaches them.
 
     How: a forward pre-hook on each BN computes the batch's per-channel ``(n_k, mu_k, var_k)``
-    (one read of the BN input; float32 statistics with re-centring at large offsets) and
-    stores them as the BN's running statistics, and the BN runs in eval mode - which then
-    normalizes with exactly the batch statistics (for channels with ``|mean| > SHIFT_LIMIT * std``, 8 std, the hook
-    hands the BN ``x - s`` with ``s`` the mean rounded to the input dtype, an exact
-    subtraction, so float32 rounding of a large mean does not shift the normalized output). So the cost is that of plain eval-mode
-    forwards plus one statistics pass per BN, whatever the BN variant (renorm, ghost,
-    frozen, torch.nn or this library's), and momentum is not touched.
+    (:func:`channel_moments`: one read of the BN input, re-centred at large offsets) and stores
+    them as the BN's running statistics, and the BN runs in eval mode - which then normalizes
+    with exactly the batch statistics (for channels with ``|mean| > SHIFT_LIMIT * std``, 8 std,
+    the hook hands the BN ``x - s`` with ``s`` the mean rounded to the input dtype, an exact
+    subtraction, so float32 rounding of a large mean does not shift the normalized output). So
+    the cost is that of plain eval-mode forwards plus one statistics pass per BN, whatever the
+    BN variant (renorm, ghost, torch.nn's, this library's, with extras such as an activation),
+    and momentum is not touched. Frozen batch norms are left alone.
 
     Args:
         model: any module containing batch norms with ``track_running_stats=True`` (those
@@ -117,7 +169,7 @@ def recalibrate(
     except TypeError:
         raise TypeError(f"batches must be an iterable of batches (e.g. a DataLoader), got {type(batches).__name__}") from None
     call = forward_fn or _default_call
-    bns = [(name, bn) for name, bn in bn_modules(model) if has_running_stats(bn) and not is_frozen(bn)]
+    bns = [(name, bn) for name, bn in batchnorm_modules(model) if has_running_stats(bn) and not is_frozen(bn)]
     if not bns:
         raise ValueError("recalibrate: the model has no batch norm with running statistics; nothing to recalibrate")
 
@@ -128,23 +180,23 @@ def recalibrate(
     def make_hook(name):
         def hook(bn, args):
             x = args[0]
-            mean, var = batch_moments(x)
-            n = x.numel() // x.shape[1] if x.shape[1] else 0
-            if x.dtype != torch.float64 and is_off_center(mean, var=var, eps=1e-30):
-                # Far from zero, a float32 mean is off by ulp(mean): that would leak into the
-                # between-batch term of the merge and into the normalization. Feed the BN the exactly
-                # shifted input x - s (s = mean rounded to x's dtype) with the small residual mean.
-                shift = mean.to(x.dtype)
-                xs = x - param_view(shift, x.dim())
-                res, var = batch_moments(xs)
-                bn.running_mean.copy_(res)
+            n, mean, var, shift = channel_moments(x)
+            if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(var).all())):
+                raise ValueError(
+                    f"recalibrate: batch {seen + 1}: the input of batch norm '{name}' contains NaN or Inf "
+                    f"(or overflows); running statistics left unchanged - clean the data or find the layer "
+                    f"that produces it"
+                )
+            parts[name].append((n, mean, var * n))
+            if shift is None:
+                bn.running_mean.copy_(mean)
                 bn.running_var.copy_(var)
-                parts[name].append((n, shift.double() + res.double(), var.double() * n))
-                return (xs,) + tuple(args[1:])
-            bn.running_mean.copy_(mean)
+                return None
+            # Far from zero, a float32 running mean is off by ulp(mean): feed the BN the exactly shifted
+            # input x - shift with the small residual mean, so it normalizes with exactly these statistics.
+            bn.running_mean.copy_(mean - shift.double())
             bn.running_var.copy_(var)
-            parts[name].append((n, mean.double(), var.double() * n))
-            return None
+            return (x - shift.view((1, -1) + (1,) * (x.dim() - 2)),) + tuple(args[1:])
 
         return hook
 
