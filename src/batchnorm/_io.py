@@ -31,7 +31,17 @@ __all__ = ["atomic_write", "OutputError", "resolve_output", "stale_temp_files", 
 
 
 class OutputError(OSError):
-    """An output path that must not be written (not a regular file, missing folder, symlink loop, ...)."""
+    """An output path that must not be written (not a regular file, missing folder, symlink loop, ...).
+
+    ``str(err)`` is the message alone; ``err.errno`` says which condition (e.g. ``errno.EEXIST``).
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = code
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 _KINDS = (
@@ -80,6 +90,8 @@ def resolve_output(path) -> Path:
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise OutputError(errno.ELOOP, f"output {str(path)!r} is a symlink loop") from err
+        if err.errno == errno.ENOTDIR:
+            raise OutputError(errno.ENOTDIR, f"cannot write {str(path)!r}: a folder on its path is not a directory") from err
         raise OutputError(err.errno, f"cannot inspect output {str(path)!r}: {err.strerror}") from err
     if not stat.S_ISREG(st.st_mode):
         via = f" (the target of symlink {str(path)!r})" if target != p else ""

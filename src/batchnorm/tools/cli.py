@@ -132,10 +132,10 @@ def load_tensor_file(path: str, what: str, allow: Sequence[type] = ()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         text = str(err)
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
         if found:
             raise CLIError(
-                f"{what} file {path!r} holds a pickled {found.group(1)} object, which is not loaded (weights_only=True "
+                f"{what} file {path!r} holds a pickled Python object ({found.group(1)}), which is not loaded (weights_only=True "
                 f"refuses objects that could run code); save plain tensors, lists or dicts of tensors instead"
             ) from err
         first = _first_line(text)
