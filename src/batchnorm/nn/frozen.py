@@ -39,6 +39,7 @@ from .kinds import (
     is_batchnorm,
     is_frozen,
     kind_of,
+    num_channels,
 )
 
 __all__ = [
@@ -222,14 +223,16 @@ def _to_frozen(bn: nn.Module, kind: BNKind) -> _FrozenBatchNorm:
     ref = bn.running_mean
     d = bn_dims(bn)
     factory = {"device": ref.device, "dtype": ref.dtype}
+    c, eps = num_channels(bn), float(getattr(bn, "eps", 1e-5))
     if kind.extras:  # a dimension-agnostic source (SyncBatchNorm) gets the any-rank base
         extras = dict(kind.extras)
         cls = _ACT_BY_DIMS.get(d, _FrozenBatchNormAct)
-        frozen = cls(bn.num_features, bn.eps, drop=extras.get("drop"), act=extras.get("act"), **factory)
+        frozen = cls(c, eps, drop=extras.get("drop"), act=extras.get("act"), **factory)
     else:
-        frozen = _BY_DIMS.get(d, _FrozenBatchNorm)(bn.num_features, bn.eps, **factory)
+        frozen = _BY_DIMS.get(d, _FrozenBatchNorm)(c, eps, **factory)
     copy_norm_values(bn, frozen)
-    kwargs = {"eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine}
+    kwargs = {"eps": eps, "momentum": getattr(bn, "momentum", 0.1),
+              "affine": getattr(bn, "affine", getattr(bn, "weight", None) is not None)}  # fmt: skip
     if hasattr(bn, "_extra_init_kwargs"):
         kwargs.update(bn._extra_init_kwargs())
     frozen._origin = (type(bn), kwargs)
