@@ -8,9 +8,10 @@ Exit status and errors, for every command: 0 on success; 2 on any failure, with 
 ``batchnorm COMMAND: error: ...`` on stderr and no traceback - a usage error, a :class:`CLIError`
 (bad input the command recognised), a ``SystemExit`` with a message, or an unexpected exception
 (shown as ``TypeName: message``; set ``BATCHNORM_TRACEBACK=1`` to get the traceback instead); 130
-after Ctrl-C. :func:`main` *exits* with that status (``sys.exit``), so it reaches the shell from the
-installed command, ``python -m batchnorm`` and ``python -c "from batchnorm.cli import main; main()"``
-alike; :func:`run` returns it instead (for tests and embedding).
+after Ctrl-C. :func:`main` *exits* with that status (``sys.exit``) when it reads the command line, so it
+reaches the shell from the installed command, ``python -m batchnorm`` and
+``python -c "from batchnorm.cli import main; main()"`` alike; :func:`run` returns it instead (for tests
+and embedding), as does ``main(argv_list)``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import argparse
 import importlib
 import os
 import sys
-from typing import NoReturn, Optional, Sequence
+from typing import NoReturn, Optional, Sequence  # noqa: F401
 
-__all__ = ["CLIError", "build_parser", "dispatch", "main", "run"]
+__all__ = ["CLIError", "build_parser", "dispatch", "execute", "main", "run"]
 
 #: modules that contribute subcommands via ``add_subcommands(subparsers)``
 _COMMAND_MODULES = (
@@ -74,6 +75,11 @@ def dispatch(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = No
         args = parser.parse_args(argv)
     except SystemExit as err:  # --help/--version (0) or a usage error (2, already printed)
         return err.code if isinstance(err.code, int) else 2
+    return execute(parser, args)
+
+
+def execute(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run the command ``args`` selects; every failure becomes one stderr line and status 2."""
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
@@ -98,13 +104,21 @@ def dispatch(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = No
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``batchnorm`` with ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
+    """Run ``batchnorm`` with ``argv`` (default ``sys.argv[1:]``) and return the exit status (never exits)."""
     return dispatch(build_parser(), argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> NoReturn:
-    """Entry point of the installed ``batchnorm`` command and of ``python -m batchnorm``: exits with :func:`run`'s status."""
-    sys.exit(run(argv))
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the installed ``batchnorm`` command and of ``python -m batchnorm``.
+
+    Without ``argv`` (the command line) it **exits** with the status, so the status reaches the shell
+    however it was started. With an ``argv`` list (programmatic use, as before) it returns the status,
+    and a usage error raises ``SystemExit(2)`` as ``argparse`` does; :func:`run` never exits.
+    """
+    parser = build_parser()
+    if argv is None:
+        sys.exit(dispatch(parser, None))
+    return execute(parser, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

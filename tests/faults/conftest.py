@@ -23,9 +23,13 @@ def isolated_path(monkeypatch):
             del sys.modules[name]
 
 
-def one_line_error(capsys, command: str) -> str:
-    """The stderr of a failed command: exactly one line, ``batchnorm COMMAND: error: ...``, no traceback."""
-    err = capsys.readouterr().err
+def one_line_error(capsys, command: str, no_output: bool = False) -> str:
+    """The stderr of a failed command: exactly one line, ``batchnorm COMMAND: error: ...``, no traceback
+    (and, with ``no_output``, nothing on stdout: refused before any work)."""
+    captured = capsys.readouterr()
+    err = captured.err
+    if no_output:
+        assert captured.out == "", captured.out
     lines = [ln for ln in err.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ": error: " in ln]
     assert len(errors) == 1, err
@@ -34,10 +38,10 @@ def one_line_error(capsys, command: str) -> str:
     return errors[0]
 
 
-def run_fails(capsys, argv, match: str) -> str:
+def run_fails(capsys, argv, match: str, no_output: bool = False) -> str:
     """``run(argv)`` exits 2 with one error line containing ``match``."""
     assert run(argv) == 2
-    line = one_line_error(capsys, argv[0])
+    line = one_line_error(capsys, argv[0], no_output)
     assert match in line, line
     return line
 

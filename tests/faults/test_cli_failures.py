@@ -229,13 +229,15 @@ def test_exit_codes_propagate_through_every_entry_point(tmp_path):
     script = os.path.join(os.path.dirname(sys.executable), "batchnorm")  # the installed command
     assert os.path.exists(script), "pip install -e . installs the batchnorm command next to python"
     bad = ["fold", "tests.faults.factories:raises_key_error"]
-    for argv in ([sys.executable, "-m", "batchnorm", *bad], [script, *bad],
-                 [sys.executable, "-c", f"from batchnorm.cli import main; main({bad!r})"]):  # fmt: skip
+    main_reads_argv = "import sys; from batchnorm.cli import main; sys.argv[1:] = " + repr(bad) + "; main()"
+    for argv in ([sys.executable, "-m", "batchnorm", *bad], [script, *bad], [sys.executable, "-c", main_reads_argv]):
         proc = _shell(argv, ROOT)
         assert proc.returncode == 2, (argv, proc.stderr)
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and "raised KeyError" in lines[0], proc.stderr
     assert _shell([sys.executable, "-m", "batchnorm", "--version"], ROOT).returncode == 0
+    usage = _shell([sys.executable, "-m", "batchnorm", "fold"], ROOT)
+    assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1
 
 
 def test_installed_command_imports_factories_from_the_current_directory(tmp_path):
@@ -252,11 +254,14 @@ def test_installed_command_imports_factories_from_the_current_directory(tmp_path
     assert "1 of 1 batch norm(s) folded" in proc.stdout
 
 
-def test_main_exits_and_run_returns(capsys):
+def test_main_exits_on_the_command_line_and_run_returns(capsys, monkeypatch):
     from batchnorm.cli import main
 
+    monkeypatch.setattr(sys, "argv", ["batchnorm", "fold", "tests.faults.factories:raises_key_error"])
     with pytest.raises(SystemExit) as exc:
-        main(["fold", "tests.faults.factories:raises_key_error"])
+        main()
     assert exc.value.code == 2
+    one_line_error(capsys, "fold")
+    assert main(["fold", "tests.faults.factories:raises_key_error"]) == 2  # programmatic: returned
     one_line_error(capsys, "fold")
     assert run(["fold", MODEL]) == 0

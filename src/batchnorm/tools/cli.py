@@ -31,7 +31,7 @@ import stat
 import sys
 import warnings
 from collections.abc import Mapping
-from typing import Callable, List, NoReturn, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -200,6 +200,12 @@ def check_output(path: str) -> None:
         raise CLIError(f"cannot write {path!r}: folder {folder!r} {what}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise CLIError(f"cannot write {path!r}: folder {folder!r} is not writable")
+    probe = os.path.join(folder, f".{os.path.basename(target)}.{os.getpid()}.probe.tmp")
+    try:  # access() says yes to root everywhere; only creating a file tells (read-only mounts, /proc, ...)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as err:
+        raise CLIError(f"cannot write {path!r}: no file can be created in folder {folder!r} ({err.strerror})") from None
+    os.unlink(probe)
 
 
 def write_atomic(path: str, write: Callable) -> None:
@@ -439,9 +445,13 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     return dispatch(parser, argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> NoReturn:
-    """Like ``batchnorm`` restricted to the tools commands; exits with :func:`run`'s status."""
-    sys.exit(run(argv))
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Like ``batchnorm.cli.main`` restricted to the tools commands: exits when reading the command line,
+    returns the status for an ``argv`` list."""
+    code = run(argv)
+    if argv is None:
+        sys.exit(code)
+    return code
 
 
 if __name__ == "__main__":
