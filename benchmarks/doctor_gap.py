@@ -57,7 +57,8 @@ def main() -> None:
     for (name, n), r in rows.items():
         ratio, limit = torch.tensor(r["ratio"]), torch.tensor(r["limit"])
         print(f"| {name} | {n} | {r['layers']} | {r['fixed']} | {r['new']} | {ratio.median():.2f} | "
-              f"{ratio.quantile(0.99):.2f} | {ratio.max():.2f} | {limit.median():.3f} | {limit.max():.3f} |")  # fmt: skip
+              f"{ratio.quantile(0.99):.2f} | {ratio.max():.2f} | {limit.median():.3f} | "
+              f"{limit.max():.3f} |")  # fmt: skip
     print(f"\n{time.perf_counter() - t0:.0f} s")
 
 

@@ -91,7 +91,8 @@ def resolve_output(path) -> Path:
         if err.errno == errno.ELOOP:
             raise OutputError(errno.ELOOP, f"output {str(path)!r} is a symlink loop") from err
         if err.errno == errno.ENOTDIR:
-            raise OutputError(errno.ENOTDIR, f"cannot write {str(path)!r}: a folder on its path is not a directory") from err
+            msg = f"cannot write {str(path)!r}: a folder on its path is not a directory"
+            raise OutputError(errno.ENOTDIR, msg) from err
         raise OutputError(err.errno, f"cannot inspect output {str(path)!r}: {err.strerror}") from err
     if not stat.S_ISREG(st.st_mode):
         via = f" (the target of symlink {str(path)!r})" if target != p else ""

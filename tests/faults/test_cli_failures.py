@@ -48,7 +48,8 @@ CALL_FAILURES = [
     ("tests.faults.factories:not_a_module", "returned dict, not a torch.nn.Module"),
     ("tests.faults.factories:NOT_CALLABLE", "is not callable"),
     ("tests.faults.factories:missing", "has no attribute 'missing'"),
-    ("bnfault_no_such_module:make", "no module named 'bnfault_no_such_module' in the current directory or on PYTHONPATH"),
+    ("bnfault_no_such_module:make",
+     "no module named 'bnfault_no_such_module' in the current directory or on PYTHONPATH"),
     ("no_colon", "model must be given as package.module:factory"),
     ("a:b:c", "model must be given as package.module:factory"),
 ]
@@ -178,7 +179,8 @@ def test_num_batches_beyond_the_data_is_reported(tmp_path, capsys):
     assert run(["recalibrate", MODEL, "--data", str(data), "--batch-size", "16", "--num-batches", "10",
                 "--output", str(out), "--quiet"]) == 0  # fmt: skip
     captured = capsys.readouterr()
-    assert "warning: --num-batches 10 asks for more than the data holds (3 batch(es) of up to 16 samples" in captured.err
+    warning = "warning: --num-batches 10 asks for more than the data holds (3 batch(es) of up to 16 samples"
+    assert warning in captured.err
     assert "1: 1440 values per channel" in captured.out  # 40 samples x 6 x 6: all of the data
 
 

@@ -40,7 +40,9 @@ def _special(kind, tmp_path):
     return path
 
 
-@pytest.mark.parametrize("kind,says", [("fifo", r"a FIFO \(named pipe\)"), ("directory", "a directory"), ("socket", "a socket")])
+@pytest.mark.parametrize(
+    "kind,says", [("fifo", r"a FIFO \(named pipe\)"), ("directory", "a directory"), ("socket", "a socket")]
+)
 def test_special_files_are_refused_and_left_alone(kind, says, tmp_path):
     path = _special(kind, tmp_path)
     before = os.lstat(path)
@@ -125,7 +127,8 @@ def test_replacing_keeps_the_files_permissions(tmp_path):
 def test_cli_outputs_get_the_umask(tmp_path):
     """Through the command (a fresh process, umask 022): 0644 for --output and --json, not 0600."""
     out, js = tmp_path / "o.pt", tmp_path / "o.json"
-    code = f"import os, sys; os.umask(0o022); from batchnorm.cli import main; main({['fold', MODEL, '--output', str(out), '--json', str(js)]!r})"
+    argv = ["fold", MODEL, "--output", str(out), "--json", str(js)]
+    code = f"import os; os.umask(0o022); from batchnorm.cli import main; raise SystemExit(main({argv!r}))"
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -52,7 +52,8 @@ MAX_EXAMPLE_ELEMENTS = 2**28
 
 
 def _import_error(mod_name: str, err: BaseException) -> CLIError:
-    if isinstance(err, ModuleNotFoundError) and err.name and (mod_name == err.name or mod_name.startswith(err.name + ".")):
+    missing = getattr(err, "name", None)
+    if isinstance(err, ModuleNotFoundError) and missing and (mod_name == missing or mod_name.startswith(missing + ".")):
         return CLIError(
             f"cannot import {mod_name!r}: no module named {err.name!r} in the current directory or on PYTHONPATH"
         )
@@ -135,8 +136,9 @@ def load_tensor_file(path: str, what: str, allow: Sequence[type] = ()):
         found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
         if found:
             raise CLIError(
-                f"{what} file {path!r} holds a pickled Python object ({found.group(1)}), which is not loaded (weights_only=True "
-                f"refuses objects that could run code); save plain tensors, lists or dicts of tensors instead"
+                f"{what} file {path!r} holds a pickled Python object ({found.group(1)}), which is not loaded "
+                f"(weights_only=True refuses objects that could run code); save plain tensors, lists or dicts of "
+                f"tensors instead"
             ) from err
         first = _first_line(text)
         raise CLIError(
@@ -173,7 +175,8 @@ def load_state_dict_file(model: nn.Module, path: str) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in sd and sd[k].shape != v.shape]  # fmt: skip
     if missing or unexpected or wrong:
         parts = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
@@ -209,7 +212,7 @@ def check_output(path: str) -> None:
 
 
 def write_atomic(path: str, write: Callable) -> None:
-    """Write via :func:`batchnorm._io.atomic_write` (no folder is created); any ``OSError`` becomes a :class:`CLIError`."""
+    """Write via :func:`batchnorm._io.atomic_write` (no folder is created); an ``OSError`` becomes a ``CLIError``."""
     try:
         atomic_write(path, write, make_dirs=False)
     except OutputError as err:
@@ -404,7 +407,8 @@ def add_subcommands(subparsers) -> None:
                               description="Fold every BN into the Conv/Linear next to it; print what was folded. "
                               "--output holds the folded model's state_dict: load it into "
                               "batchnorm.tools.fold_batchnorm(factory(), example)[0]. A BN next to a Linear is "
-                              "folded only when an example (--input/--input-shape) shows it sees (N, C) input.")  # fmt: skip
+                              "folded only when an example (--input/--input-shape) shows it sees (N, C) "
+                              "input.")  # fmt: skip
     _common(p)
     _example_options(p, required=False)
     p.add_argument("--output", metavar="FILE", help="write the folded model's state_dict here (atomically)")

@@ -21,7 +21,15 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..nn.kinds import attach_extras, batchnorm_modules, bn_dims, copy_norm_values, has_running_stats, kind_of, num_channels
+from ..nn.kinds import (
+    attach_extras,
+    batchnorm_modules,
+    bn_dims,
+    copy_norm_values,
+    has_running_stats,
+    kind_of,
+    num_channels,
+)
 from ._graph import set_submodule
 
 __all__ = ["convert", "TARGETS"]

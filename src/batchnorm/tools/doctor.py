@@ -336,13 +336,15 @@ def check_never_updated(lay: _Layer, s: _Settings) -> Iterator[Finding]:
     if lay.kind.frozen:
         yield _finding(
             lay.name, "never_updated", "warning",
-            "frozen with mean 0 and variance 1 in every channel: it applies only its affine; were its statistics loaded?",
+            "frozen with mean 0 and variance 1 in every channel: it applies only its affine; "
+            "were its statistics loaded?",
             "load the statistics of the trained model (load_state_dict) before freezing",
         )  # fmt: skip
     else:
         yield _finding(
             lay.name, "never_updated", "error",
-            "running statistics were never updated (mean 0, variance 1, no batch counted): eval mode uses them as they are",
+            "running statistics were never updated (mean 0, variance 1, no batch counted): eval mode uses them "
+            "as they are",
             "train the model, or compute the statistics with batchnorm.tools.recalibrate(model, batches)",
         )  # fmt: skip
 
