@@ -98,7 +98,7 @@ def bench_fold(name, model, shape, repeats):
     from torch.fx.experimental.optimization import fuse
 
     x = torch.randn(shape)
-    ours, report = fold_batchnorm(model)
+    ours, report = fold_batchnorm(model, x)  # the example shows the BN1d inputs are (N, C)
     theirs = fuse(copy.deepcopy(model))
     with torch.no_grad():
         ref = model(x)

@@ -251,3 +251,16 @@ def test_half_inputs_through_every_source(name, dtype):
     assert x.grad.dtype == dtype and torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
     rm0 = -100.0 if name == "renorm" else 0.0
     assert_rel_close(rm, rm0 + 0.1 * (np64(x).mean((0, 2)) - rm0), REL_TOL[dtype], "running_mean (momentum 0.1)")
+
+
+def test_instance_norm_check_finite():
+    m = batchnorm.InstanceNorm2d(3, track_running_stats=True, check_finite=True)
+    m(data((2, 3, 4, 4), 0))
+    snap = snapshot(m)
+    x = data((2, 3, 4, 4), 1)
+    x[1, 2, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="not finite"):
+        m(x)
+    assert_unchanged(m, snap)
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        m.eval()(x)

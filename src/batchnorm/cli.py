@@ -1,15 +1,28 @@
-"""The ``batchnorm`` command line: ``batchnorm demo | reproduce | doctor | fold | recalibrate | bench``.
+"""The ``batchnorm`` command line: ``batchnorm demo | reproduce | doctor | fold | recalibrate``.
 
-Each subpackage that has commands exposes ``add_subcommands(subparsers)``; they are
-imported lazily so ``batchnorm --help`` stays fast and optional extras (matplotlib,
-scikit-learn) are only needed by the commands that use them.
+Also ``python -m batchnorm ...`` (:mod:`batchnorm.__main__`). Each subpackage that has commands
+exposes ``add_subcommands(subparsers)``; they are imported lazily so ``batchnorm --help`` stays
+fast and optional extras (matplotlib, scikit-learn) are only needed by the commands that use them.
+
+Exit status and errors, for every command: 0 on success; 2 on any failure, with exactly one line
+``batchnorm COMMAND: error: ...`` on stderr and no traceback - a usage error, a :class:`CLIError`
+(bad input the command recognised), a ``SystemExit`` with a message, or an unexpected exception
+(shown as ``TypeName: message``; set ``BATCHNORM_TRACEBACK=1`` to get the traceback instead); 130
+after Ctrl-C. :func:`main` *exits* with that status (``sys.exit``) when it reads the command line, so it
+reaches the shell from the installed command, ``python -m batchnorm`` and
+``python -c "from batchnorm.cli import main; main()"`` alike; :func:`run` returns it instead (for tests
+and embedding), as does ``main(argv_list)``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from typing import NoReturn, Optional, Sequence  # noqa: F401
+
+__all__ = ["CLIError", "build_parser", "dispatch", "execute", "main", "run"]
 
 #: modules that contribute subcommands via ``add_subcommands(subparsers)``
 _COMMAND_MODULES = (
@@ -19,8 +32,20 @@ _COMMAND_MODULES = (
 )
 
 
+class CLIError(Exception):
+    """A user error a command recognised: printed as one line on stderr, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse`` with one-line usage errors (``PROG: error: MESSAGE (see PROG --help)``, exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The ``batchnorm`` parser with every available subcommand."""
+    parser = Parser(
         prog="batchnorm",
         description="Batch normalization for PyTorch: reproduce the papers' claims, diagnose and fold models.",
     )
@@ -39,14 +64,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    return " ".join(lines)[:600] if lines else ""
+
+
+def dispatch(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv`` and run the chosen command; return its exit status (see the module docstring)."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as err:  # --help/--version (0) or a usage error (2, already printed)
+        return err.code if isinstance(err.code, int) else 2
+    return execute(parser, args)
+
+
+def execute(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run the command ``args`` selects; every failure becomes one stderr line and status 2."""
     if not getattr(args, "func", None):
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return 2
-    return int(args.func(args) or 0)
+    where = f"{parser.prog} {args.command}"
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as err:
+        print(f"{where}: error: {_one_line(err)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{where}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as err:
+        if err.code is None or isinstance(err.code, int):
+            return 0 if err.code is None else err.code
+        print(f"{where}: error: {_one_line(err.code)}", file=sys.stderr)
+    except Exception as err:
+        if os.environ.get("BATCHNORM_TRACEBACK"):
+            raise
+        print(f"{where}: error: {type(err).__name__}: {_one_line(err)} (set BATCHNORM_TRACEBACK=1 for the traceback)",
+              file=sys.stderr)  # fmt: skip
+    return 2
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``batchnorm`` with ``argv`` (default ``sys.argv[1:]``) and return the exit status (never exits)."""
+    return dispatch(build_parser(), argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the installed ``batchnorm`` command and of ``python -m batchnorm``.
+
+    Without ``argv`` (the command line) it **exits** with the status, so the status reaches the shell
+    however it was started. With an ``argv`` list (programmatic use, as before) it returns the status,
+    and a usage error raises ``SystemExit(2)`` as ``argparse`` does; :func:`run` never exits.
+    """
+    parser = build_parser()
+    if argv is None:
+        sys.exit(dispatch(parser, None))
+    return execute(parser, parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

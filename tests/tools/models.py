@@ -16,7 +16,8 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                 c = rm.numel()
                 m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
                 m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
-                m.num_batches_tracked.fill_(10)
+                if isinstance(getattr(m, "num_batches_tracked", None), torch.Tensor):
+                    m.num_batches_tracked.fill_(10)
                 if isinstance(getattr(m, "weight", None), torch.Tensor):
                     m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
                     m.bias.copy_(torch.randn(c, generator=gen) * 0.2)

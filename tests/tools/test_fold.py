@@ -13,6 +13,7 @@ from tolerances import REL_TOL, assert_rel_close
 from batchnorm import reference as R
 from batchnorm.nn.batchnorm import BatchNorm1d, BatchNorm2d
 from batchnorm.nn.fused import BatchNormAct2d
+from batchnorm.nn.kinds import AfterNorm
 from batchnorm.tools.fold import fold_batchnorm, fold_bn_into_next, fold_bn_into_previous
 
 from .models import ConvNet, ResNetish, Untraceable, randomize_bn
@@ -100,10 +101,10 @@ def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()]
 
 
-def _check_fold(model, x, n_folded, kept=()):
+def _check_fold(model, x, n_folded, kept=(), example=True):
     """Folded fp32 output vs the original model's eval output in float64; input model untouched."""
     before, modes = _state(model)
-    folded, report = fold_batchnorm(model)
+    folded, report = fold_batchnorm(model, x if example else None)
     after, modes_after = _state(model)
     assert modes == modes_after and before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before), "fold_batchnorm mutated its input"
@@ -167,7 +168,71 @@ def test_fold_library_modules_and_fused_activation():
         nn.Flatten(), nn.Linear(6 * 4 * 4, 10), BatchNorm1d(10),
     )  # fmt: skip
     folded, report = _check_fold(randomize_bn(model, 7), torch.randn(3, 3, 8, 8), 3)
-    assert isinstance(folded[4], nn.ReLU)  # the fused activation survives the fold
+    assert isinstance(folded[4], AfterNorm) and isinstance(folded[4].act, nn.ReLU)  # the activation survives
+
+
+def test_linear_neighbours_need_a_known_input_rank():
+    """BatchNorm1d(C) on (N, C, L) next to a Linear: the Linear acts on L, not on the BN's channels.
+    Folding it anyway is wrong (relative error ~0.8 in issue 10); it is kept unless an example shows (N, C)."""
+    torch.manual_seed(0)
+    into_next = randomize_bn(nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 3)), 1)
+    into_prev = randomize_bn(nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5)), 2)
+    x3_next, x3_prev = torch.randn(6, 5, 5), torch.randn(6, 5, 4)
+    for model, x3 in ((into_next, x3_next), (into_prev, x3_prev)):
+        _, report = _check_fold(model, x3, 0, ("0" if model is into_next else "1",))
+        assert "sees 3-D input" in report.kept[0][1]
+        _, report = _check_fold(model, x3, 0, (report.kept[0][0],), example=False)
+        assert "pass example_input=" in report.kept[0][1]
+    _check_fold(into_next, torch.randn(6, 5), 1)  # (N, C): folded, exact
+    _check_fold(into_prev, torch.randn(6, 4), 1)
+    # what folding the 3-D case would have done
+    bn, fc = into_next[0].eval(), into_next[1]
+    w, b = fold_bn_into_next(fc.weight, fc.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    with torch.no_grad():
+        wrong, right = nn.functional.linear(x3_next, w, b), into_next.eval()(x3_next)
+    assert float((wrong - right).norm() / right.norm()) > 0.1
+
+
+def test_batchnorm2d_is_never_folded_with_a_linear():
+    model = randomize_bn(nn.Sequential(nn.BatchNorm2d(4), nn.Linear(4, 2)))  # Linear acts on W (= 4)
+    _, report = _check_fold(model, torch.randn(2, 4, 3, 4), 0, ("0",), example=False)
+    assert "BatchNorm2d sees 3-D or larger input" in report.kept[0][1]
+
+
+def test_fold_warns_when_it_bakes_in_never_updated_statistics():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))  # fresh: mean 0, var 1, count 0
+    with pytest.warns(UserWarning, match="'1' was never updated"):
+        _, report = fold_batchnorm(model)
+    assert report.num_folded == 1 and "never updated" in report.notes[-1]
+    trained = randomize_bn(copy.deepcopy(model))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fold_batchnorm(trained)  # updated statistics: no warning
+    loaded = copy.deepcopy(trained)
+    loaded[1].num_batches_tracked.zero_()  # a checkpoint without the counter: statistics are real
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fold_batchnorm(loaded)
+
+
+@pytest.mark.parametrize("what", ["nan mean", "inf var", "negative var", "nan weight"])
+def test_fold_refuses_unusable_statistics(what):
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)))
+    with torch.no_grad():
+        {"nan mean": lambda: model[1].running_mean.__setitem__(1, float("nan")),
+         "inf var": lambda: model[1].running_var.__setitem__(0, float("inf")),
+         "negative var": lambda: model[1].running_var.__setitem__(2, -0.5),
+         "nan weight": lambda: model[1].weight.__setitem__(3, float("nan"))}[what]()  # fmt: skip
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"refusing to fold batch norms with unusable statistics - '1': "):
+        fold_batchnorm(model)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match="cannot fold"):
+        bn = model[1]
+        fold_bn_into_previous(model[0].weight, None, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
 
 
 def test_unfoldable_cases_are_reported_not_folded():

@@ -14,7 +14,10 @@ The forward is the native inference kernel, which applies ``x * s + t`` in one p
 :func:`batchnorm.functional.stats.running_off_center`); only ``dx = dy * s`` is computed
 in the backward.
 
-:func:`freeze` and :func:`unfreeze` convert a model in place.
+:func:`freeze` and :func:`unfreeze` convert a model in place. A batch norm followed by extras
+(an activation in ``.act``, dropout in ``.drop``, as timm's ``BatchNormAct2d`` or this library's
+``BatchNormAct*d``) becomes a ``FrozenBatchNormAct*d``, which keeps them:
+``y = act(drop(x * s + t [+ residual]))``.
 """
 
 from __future__ import annotations
@@ -25,10 +28,25 @@ import torch
 from torch import Tensor, nn
 
 from ..functional.pipeline import THIS_BATCH, check_eps, run
-from ._base import check_num_features, copy_norm_values, fx_leaf
-from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+from ._base import check_num_features, fx_leaf
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .kinds import (
+    BNKind,
+    attach_extras,
+    bn_dims,
+    copy_norm_values,
+    has_running_stats,
+    is_batchnorm,
+    is_frozen,
+    kind_of,
+    num_channels,
+)
 
-__all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze", "unfreeze"]
+__all__ = [
+    "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d",
+    "FrozenBatchNormAct1d", "FrozenBatchNormAct2d", "FrozenBatchNormAct3d",
+    "freeze", "unfreeze",
+]  # fmt: skip
 
 
 class _FrozenBatchNorm(nn.Module):
@@ -118,41 +136,103 @@ class FrozenBatchNorm3d(_FrozenBatchNorm):
     _input_dims = (5,)
 
 
-_BN_TYPES = (nn.modules.batchnorm._BatchNorm, _BatchNorm)
-_BY_DIMS = {(2, 3): FrozenBatchNorm1d, (4,): FrozenBatchNorm2d, (5,): FrozenBatchNorm3d}
-_TORCH_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+class _FrozenWithExtras:
+    """Mixin: the frozen batch norm, then an optional residual, then ``drop`` and ``act`` (modules)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None, *,
+                 drop: Optional[nn.Module] = None, act: Optional[nn.Module] = None) -> None:  # fmt: skip
+        super().__init__(num_features, eps, device=device, dtype=dtype)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """``act(drop(frozen_bn(input)) [+ residual])`` (the order of ``BatchNormAct*d``); ``residual`` has
+        the input's shape."""
+        y = self.drop(super().forward(input))
+        if residual is not None:
+            y = y + residual
+        return self.act(y)
+
+
+class _FrozenBatchNormAct(_FrozenWithExtras, _FrozenBatchNorm):
+    """Frozen batch norm + extras of any ``(N, C, *)`` input (from a dimension-agnostic source)."""
+
+
+class FrozenBatchNormAct1d(_FrozenWithExtras, FrozenBatchNorm1d):
+    """:class:`FrozenBatchNorm1d` followed by ``drop`` and ``act`` modules (what :func:`freeze` makes of a
+    BN+activation module). State dict: the frozen BN's entries plus the activation's (e.g. ``act.weight``
+    of a PReLU), as timm's ``BatchNormAct`` has them.
+
+    Example::
+
+        >>> m = FrozenBatchNormAct1d(16, act=nn.SiLU())
+        >>> y = m(torch.randn(4, 16))           # silu(x * scale + shift)
+    """
+
+
+class FrozenBatchNormAct2d(_FrozenWithExtras, FrozenBatchNorm2d):
+    """:class:`FrozenBatchNorm2d` followed by ``drop`` and ``act`` modules.
+
+    Example::
+
+        >>> m = FrozenBatchNormAct2d(8, act=nn.ReLU())
+        >>> y = m(torch.randn(2, 8, 4, 4), residual=torch.randn(2, 8, 4, 4))   # relu(bn(x) + residual)
+    """
+
+
+class FrozenBatchNormAct3d(_FrozenWithExtras, FrozenBatchNorm3d):
+    """:class:`FrozenBatchNorm3d` followed by ``drop`` and ``act`` modules.
+
+    Example::
+
+        >>> m = FrozenBatchNormAct3d(4, act=nn.ReLU())
+        >>> y = m(torch.randn(2, 4, 3, 3, 3))
+    """
+
+
+_BY_DIMS = {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d}
+_ACT_BY_DIMS = {1: FrozenBatchNormAct1d, 2: FrozenBatchNormAct2d, 3: FrozenBatchNormAct3d}
 _OURS_BY_DIMS = {(2, 3): BatchNorm1d, (4,): BatchNorm2d, (5,): BatchNorm3d}
 
 
-def _frozen_class(bn: nn.Module) -> type:
-    dims = getattr(type(bn), "_input_dims", None)
-    if dims is None:
-        dims = next((d for t, d in _TORCH_DIMS.items() if isinstance(bn, t)), ())
-    return _BY_DIMS.get(tuple(dims), _FrozenBatchNorm)
-
-
-def _named_targets(model: nn.Module, types):
-    """``(parent, attribute name, qualified name, module)`` for every module of ``types`` (root: parent None)."""
-    if isinstance(model, types):
+def _named_targets(model: nn.Module, select):
+    """``(parent, attribute, qualified name, module)`` for every registration of a module ``select``-ed
+    (the root: parent ``None``). Modules inside a selected one are not searched."""
+    if select(model):
         return [(None, "", "", model)]
     out = []
-    for qual, parent in model.named_modules():
+
+    def walk(parent: nn.Module, prefix: str) -> None:
         for name, child in parent.named_children():
-            if isinstance(child, types):
-                out.append((parent, name, f"{qual}.{name}" if qual else name, child))
+            qual = f"{prefix}.{name}" if prefix else name
+            if select(child):
+                out.append((parent, name, qual, child))
+            else:
+                walk(child, qual)
+
+    walk(model, "")
     return out
 
 
-def _is_frozen_target(m: nn.Module) -> bool:
-    return isinstance(m, _BN_TYPES) and not isinstance(m, _FrozenBatchNorm)
+def _freezable(m: nn.Module) -> bool:
+    return is_batchnorm(m) and not is_frozen(m)
 
 
 @torch.no_grad()
-def _to_frozen(bn: nn.Module) -> _FrozenBatchNorm:
+def _to_frozen(bn: nn.Module, kind: BNKind) -> _FrozenBatchNorm:
     ref = bn.running_mean
-    frozen = _frozen_class(bn)(bn.num_features, bn.eps, device=ref.device, dtype=ref.dtype)
+    d = bn_dims(bn)
+    factory = {"device": ref.device, "dtype": ref.dtype}
+    c, eps = num_channels(bn), float(getattr(bn, "eps", 1e-5))
+    if kind.extras:  # a dimension-agnostic source (SyncBatchNorm) gets the any-rank base
+        extras = dict(kind.extras)
+        cls = _ACT_BY_DIMS.get(d, _FrozenBatchNormAct)
+        frozen = cls(c, eps, drop=extras.get("drop"), act=extras.get("act"), **factory)
+    else:
+        frozen = _BY_DIMS.get(d, _FrozenBatchNorm)(c, eps, **factory)
     copy_norm_values(bn, frozen)
-    kwargs = {"eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine}
+    kwargs = {"eps": eps, "momentum": getattr(bn, "momentum", 0.1),
+              "affine": getattr(bn, "affine", getattr(bn, "weight", None) is not None)}  # fmt: skip
     if hasattr(bn, "_extra_init_kwargs"):
         kwargs.update(bn._extra_init_kwargs())
     frozen._origin = (type(bn), kwargs)
@@ -163,40 +243,52 @@ def _to_frozen(bn: nn.Module) -> _FrozenBatchNorm:
 def freeze(model: nn.Module) -> nn.Module:
     """Replace every batch-norm module of ``model`` by a ``FrozenBatchNorm*d``, in place, keeping values.
 
-    Converts ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and this library's
-    batch-norm modules (``BatchNorm*d``, ``BatchRenorm*d``, ``GhostBatchNorm*d``,
-    ``SyncBatchNorm``). ``weight``/``bias`` (ones/zeros when ``affine=False``), the running
-    statistics, ``num_batches_tracked`` and ``eps`` are copied; the frozen module computes
-    exactly the eval-mode output of the original. The original class and its settings
-    are remembered for :func:`unfreeze`. Returns ``model``, or the frozen module when
-    ``model`` itself is a batch norm (so write ``model = freeze(model)``).
+    Converts every batch norm :func:`batchnorm.nn.kinds.is_batchnorm` recognises (``torch.nn``'s
+    ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm``, this library's ``BatchNorm*d``, ``BatchRenorm*d``,
+    ``GhostBatchNorm*d``, ``SyncBatchNorm``, subclasses of them) except frozen ones.
+    ``weight``/``bias`` (ones/zeros when ``affine=False``), the running statistics,
+    ``num_batches_tracked`` and ``eps`` are copied; the frozen module computes exactly the eval-mode
+    output of the original. A batch norm with extras (activation in ``.act``, dropout in ``.drop``,
+    like timm's ``BatchNormAct2d``; or this library's ``BatchNormAct*d``) becomes a
+    ``FrozenBatchNormAct*d`` holding the same ``drop``/``act`` modules, so the activation is kept.
+    The original class and its settings are remembered for :func:`unfreeze`. Shared modules stay
+    shared. Returns ``model``, or the frozen module when ``model`` itself is a batch norm (so write
+    ``model = freeze(model)``).
 
-    Raises ``ValueError`` (before changing anything) if a batch norm has no running
-    statistics (``track_running_stats=False``): there is nothing to freeze.
+    Raises ``ValueError`` naming the modules, before changing anything, if a batch norm has no
+    running statistics (``track_running_stats=False``: nothing to freeze) or its forward does
+    something this library cannot reproduce (:func:`batchnorm.nn.kinds.kind_of` reports a problem).
 
     Example::
 
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
         >>> net = freeze(net)          # net[1] is now FrozenBatchNorm2d
     """
-    targets = _named_targets(model, _BN_TYPES)
-    targets = [t for t in targets if _is_frozen_target(t[3])]
-    bad = [q or type(m).__name__ for _, _, q, m in targets if m.running_mean is None]
-    if bad:
+    targets = _named_targets(model, _freezable)
+    no_stats = [q or type(m).__name__ for _, _, q, m in targets if not has_running_stats(m)]
+    if no_stats:
         raise ValueError(
-            f"freeze: batch norm module(s) {bad} have track_running_stats=False, so there are no statistics "
+            f"freeze: batch norm module(s) {no_stats} have track_running_stats=False, so there are no statistics "
             f"to freeze; build them with track_running_stats=True (or recalibrate) first. Nothing was changed."
         )
-    frozen = [(parent, name, _to_frozen(m)) for parent, name, _, m in targets]
-    for parent, name, f in frozen:
+    kinds = {id(m): kind_of(m) for _, _, _, m in targets}
+    odd = [f"'{q}' ({type(m).__name__}): {kinds[id(m)].problem}" for _, _, q, m in targets if kinds[id(m)].problem]
+    if odd:
+        raise ValueError(f"freeze: cannot freeze without changing what the model computes - {'; '.join(odd)}. "
+                         f"Nothing was changed; replace these modules by hand.")  # fmt: skip
+    frozen = {}
+    for _, _, _, m in targets:
+        if id(m) not in frozen:
+            frozen[id(m)] = _to_frozen(m, kinds[id(m)])
+    for parent, name, _, m in targets:
         if parent is None:
-            return f
-        setattr(parent, name, f)
+            return frozen[id(m)]
+        setattr(parent, name, frozen[id(m)])
     return model
 
 
 @torch.no_grad()
-def _from_frozen(frozen: _FrozenBatchNorm, bn_class: Optional[type]) -> nn.Module:
+def _from_frozen(frozen: _FrozenBatchNorm, bn_class: Optional[type], where: str) -> nn.Module:
     cls, kwargs = frozen._origin or (None, {})
     if bn_class is not None:
         cls, kwargs = bn_class, {k: v for k, v in kwargs.items() if k in ("eps", "momentum", "affine")}
@@ -204,7 +296,15 @@ def _from_frozen(frozen: _FrozenBatchNorm, bn_class: Optional[type]) -> nn.Modul
         cls = _OURS_BY_DIMS.get(tuple(type(frozen)._input_dims), BatchNorm2d)
     kwargs = {"eps": frozen.eps, **kwargs}
     ref = frozen.running_mean
-    bn = cls(frozen.num_features, device=ref.device, dtype=ref.dtype, **kwargs)
+    try:
+        bn = cls(frozen.num_features, device=ref.device, dtype=ref.dtype, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"unfreeze: cannot build {cls.__name__} for {where}: {err}") from err
+    extras = tuple((a, getattr(frozen, a)) for a in ("drop", "act") if isinstance(getattr(frozen, a, None), nn.Module))
+    try:
+        attach_extras(bn, extras, copy_modules=False)
+    except ValueError as err:
+        raise ValueError(f"unfreeze: {where} ({type(frozen).__name__}) cannot become {cls.__name__}: {err}") from err
     copy_norm_values(frozen, bn)
     bn.train(frozen.training)
     return bn
@@ -214,19 +314,27 @@ def unfreeze(model: nn.Module, bn_class: Optional[type] = None) -> nn.Module:
     """Turn every ``FrozenBatchNorm*d`` of ``model`` back into a trainable batch norm, in place.
 
     By default each becomes the class it was frozen from (with its settings: ``momentum``,
-    ``affine``, ``r_max``, ``virtual_batch_size``, ...), or this library's ``BatchNorm*d``
-    for modules built or loaded as frozen. ``bn_class`` (e.g. ``torch.nn.BatchNorm2d``)
-    overrides that. Values are copied: ``weight``/``bias`` become parameters again.
-    Returns ``model``, or the new module when ``model`` itself is frozen.
+    ``affine``, ``r_max``, ``virtual_batch_size``, ..., and the ``drop``/``act`` modules of a
+    ``FrozenBatchNormAct*d``), or this library's ``BatchNorm*d`` for modules built or loaded as
+    frozen. ``bn_class`` (e.g. ``torch.nn.BatchNorm2d``) overrides that. Values are copied:
+    ``weight``/``bias`` become parameters again. Returns ``model``, or the new module when
+    ``model`` itself is frozen.
+
+    Raises ``ValueError`` before changing anything when a module cannot be rebuilt, e.g. a
+    ``FrozenBatchNormAct2d`` with a SiLU and ``bn_class=torch.nn.BatchNorm2d``, which has no place
+    for the activation.
 
     Example::
 
         >>> net = unfreeze(freeze(net))   # same values, trainable again
     """
-    targets = _named_targets(model, _FrozenBatchNorm)
-    new = [(parent, name, _from_frozen(m, bn_class)) for parent, name, _, m in targets]
-    for parent, name, m in new:
+    targets = _named_targets(model, lambda m: isinstance(m, _FrozenBatchNorm))
+    new = {}
+    for _, _, qual, m in targets:
+        if id(m) not in new:
+            new[id(m)] = _from_frozen(m, bn_class, f"'{qual}'" if qual else "the model")
+    for parent, name, _, m in targets:
         if parent is None:
-            return m
-        setattr(parent, name, m)
+            return new[id(m)]
+        setattr(parent, name, new[id(m)])
     return model

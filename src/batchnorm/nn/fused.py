@@ -39,6 +39,7 @@ _ACTIVATIONS = {
 _FUSED = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Identity: None}
 
 ActLayer = Union[str, Callable[..., nn.Module], nn.Module, None]
+_UNSET = object()
 
 
 def make_activation(act_layer: ActLayer, inplace: bool = True, act_kwargs: Optional[dict] = None) -> nn.Module:
@@ -80,12 +81,12 @@ class _BatchNormAct:
         device=None,
         dtype=None,
         *,
-        activation: Optional[str] = None,
+        activation=_UNSET,
         **kwargs,
     ) -> None:
         # keyword-only options of the base (bias, check_finite, backend) pass through unchanged
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
-        if activation is not None:  # this library's earlier spelling: activation="relu" | "silu" | "identity"
+        if activation is not _UNSET:  # this library's earlier spelling: activation="relu" | "silu" | None
             act_layer = activation
         self.drop = drop_layer() if drop_layer is not None else nn.Identity()
         self.act = make_activation(act_layer, inplace, act_kwargs) if apply_act else nn.Identity()

@@ -1,5 +1,7 @@
-"""What every tool needs to know about a model: which modules are batch norms, and
-which Conv/Linear feeds (or is fed by) each of them exclusively.
+"""The data flow around each batch norm: which Conv/Linear feeds (or is fed by) it exclusively.
+
+Which modules are batch norms, and what they apply after normalizing, is decided in one place:
+:mod:`batchnorm.nn.kinds`.
 
 Two ways to see the data flow:
 
@@ -16,79 +18,17 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
+
+from ..nn.kinds import batchnorm_modules, is_batchnorm
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 #: layers a batch norm can be folded into when they feed it
 PRODUCERS = _CONV + _CONV_T + (nn.Linear,)
-
-
-def is_batchnorm(m: nn.Module) -> bool:
-    """A module whose eval-mode forward is ``weight * (x - running_mean) / sqrt(running_var + eps) + bias``
-    per channel of dimension 1: torch.nn's ``_BatchNorm`` (incl. ``SyncBatchNorm``) and this
-    library's batch-norm family (BatchNorm, BatchRenorm, GhostBatchNorm, FrozenBatchNorm, SyncBatchNorm).
-
-    Instance/group/layer norms are not batch norms (their eval statistics come from the input).
-    """
-    if isinstance(m, _TorchBatchNorm):
-        return True
-    name = type(m).__name__.lower()
-    if "instance" in name or "group" in name or "layer" in name:
-        return False
-    try:
-        from ..nn._base import NormBase
-    except ImportError:  # pragma: no cover - the package is always importable
-        NormBase = ()
-    if isinstance(m, NormBase):
-        return True
-    # modules of this library's family that do not derive from NormBase (e.g. a frozen BN
-    # holding buffers only), and look-alikes such as torchvision's FrozenBatchNorm2d
-    return ("batchnorm" in name or "batchrenorm" in name) and all(
-        isinstance(getattr(m, a, None), torch.Tensor) for a in ("running_mean", "running_var")
-    )
-
-
-def is_frozen(bn: nn.Module) -> bool:
-    """A frozen batch norm (fixed statistics by design: this library's or torchvision's ``FrozenBatchNorm*``)."""
-    return "frozen" in type(bn).__name__.lower()
-
-
-def has_running_stats(bn: nn.Module) -> bool:
-    """Whether eval mode uses running statistics (``track_running_stats=True``)."""
-    return isinstance(getattr(bn, "running_mean", None), torch.Tensor) and isinstance(
-        getattr(bn, "running_var", None), torch.Tensor
-    )
-
-
-def bn_activation(bn: nn.Module) -> Optional[str]:
-    """The activation a fused BN+activation module applies after the affine (``None`` if plain)."""
-    act = getattr(bn, "activation", None)
-    if act is None or act == "identity":
-        return None
-    return act if isinstance(act, str) else type(act).__name__
-
-
-def num_channels(bn: nn.Module) -> int:
-    c = getattr(bn, "num_features", None)
-    if c is None:
-        c = bn.running_mean.numel() if has_running_stats(bn) else bn.weight.numel()
-    return int(c)
-
-
-def bn_dims(bn: nn.Module) -> Optional[int]:
-    """1, 2 or 3 for the ``BatchNorm{1,2,3}d`` flavour of ``bn`` (``None`` if not known, e.g. SyncBatchNorm)."""
-    dims = getattr(type(bn), "_input_dims", None)
-    if dims:
-        return max(dims) - 2
-    for k in (1, 2, 3):
-        if type(bn).__name__.endswith(f"{k}d"):
-            return k
-    return None
 
 
 @dataclass
@@ -147,8 +87,8 @@ def analyse(model: nn.Module) -> Analysis:
     """Find every batch norm in ``model`` and its exclusive Conv/Linear neighbours."""
     out = Analysis()
     _analyse(model, "", out)
-    for name, m in model.named_modules():
-        if is_batchnorm(m) and name not in out.sites:
+    for name, m in batchnorm_modules(model):
+        if name not in out.sites:
             out.sites[name] = BNSite(name, how="none", note="inside a module that torch.fx cannot trace")
     return out
 
@@ -236,8 +176,3 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, leaf, new)
-
-
-def bn_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """``(qualified name, module)`` of every batch norm in ``model``, in registration order."""
-    return [(n, m) for n, m in model.named_modules() if is_batchnorm(m)]

@@ -21,22 +21,30 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..nn._base import copy_norm_values
-from ._graph import bn_activation, bn_dims, bn_modules, has_running_stats, num_channels, set_submodule
+from ..nn.kinds import (
+    attach_extras,
+    batchnorm_modules,
+    bn_dims,
+    copy_norm_values,
+    has_running_stats,
+    kind_of,
+    num_channels,
+)
+from ._graph import set_submodule
 
 __all__ = ["convert", "TARGETS"]
 
 #: ``to=`` name -> (module, class name pattern; ``{d}`` is the 1/2/3 flavour)
 TARGETS = {
     "torch": ("torch.nn", "BatchNorm{d}d"),
-    "batchnorm": ("batchnorm.nn.batchnorm", "BatchNorm{d}d"),
-    "act": ("batchnorm.nn.fused", "BatchNormAct{d}d"),
-    "renorm": ("batchnorm.nn.renorm", "BatchRenorm{d}d"),
-    "ghost": ("batchnorm.nn.ghost", "GhostBatchNorm{d}d"),
-    "frozen": ("batchnorm.nn.frozen", "FrozenBatchNorm{d}d"),
-    "sync": ("batchnorm.distributed.sync_batchnorm", "SyncBatchNorm"),
+    "batchnorm": ("batchnorm", "BatchNorm{d}d"),
+    "act": ("batchnorm", "BatchNormAct{d}d"),
+    "renorm": ("batchnorm", "BatchRenorm{d}d"),
+    "ghost": ("batchnorm", "GhostBatchNorm{d}d"),
+    "frozen": ("batchnorm", "FrozenBatchNorm{d}d"),  # built by batchnorm.freeze, which also keeps extras
+    "sync": ("batchnorm", "SyncBatchNorm"),
     "torch_sync": ("torch.nn", "SyncBatchNorm"),
-    "groupnorm": ("batchnorm.nn.groupnorm", "GroupNorm"),
+    "groupnorm": ("batchnorm", "GroupNorm"),
 }
 
 
@@ -72,14 +80,33 @@ def _accepts(cls) -> set:
     return params
 
 
+def _frozen_one(src: nn.Module, name: str, kwargs: dict) -> nn.Module:
+    """``to="frozen"``: exactly what :func:`batchnorm.freeze` makes of this module."""
+    from ..nn.frozen import freeze
+
+    if kwargs:
+        raise ValueError(f"convert: to='frozen' takes no options, got {sorted(kwargs)}")
+    try:
+        return freeze(src)
+    except ValueError as err:
+        raise ValueError(f"convert: '{name}': {err}") from err
+
+
 @torch.no_grad()
 def _convert_one(src: nn.Module, name: str, to: str, dim: Optional[int], kwargs: dict) -> nn.Module:
     c = num_channels(src)
-    act = bn_activation(src)
-    if act is not None and to != "act":
+    if to == "frozen":
+        if not has_running_stats(src):
+            raise ValueError(
+                f"convert: '{name}' has track_running_stats=False, so there are no statistics to freeze; "
+                f"recalibrate it first or leave it trainable. Nothing was changed."
+            )
+        return _frozen_one(src, name, kwargs)
+    kind = kind_of(src)
+    if kind.problem is not None:
         raise ValueError(
-            f"convert: '{name}' ({type(src).__name__}) applies a fused {act!r} activation that "
-            f"to={to!r} cannot express; convert with to='act' or replace the layer by hand"
+            f"convert: '{name}' ({type(src).__name__}) cannot be converted without changing what it computes: "
+            f"{kind.problem}. Nothing was changed; replace it by hand."
         )
     d = dim if dim is not None else bn_dims(src)
     cls = _target_class(to, d, name)
@@ -92,8 +119,6 @@ def _convert_one(src: nn.Module, name: str, to: str, dim: Optional[int], kwargs:
         "affine": getattr(src, "affine", getattr(src, "weight", None) is not None),
         "track_running_stats": has_running_stats(src),
     }
-    if to == "act":
-        settings["activation"] = act
     if to == "groupnorm":
         g = kwargs.get("num_groups")
         if g is None:
@@ -106,11 +131,6 @@ def _convert_one(src: nn.Module, name: str, to: str, dim: Optional[int], kwargs:
         settings["num_channels"] = c
         settings.pop("track_running_stats")
         settings.pop("momentum")
-    if to == "frozen" and not has_running_stats(src):
-        raise ValueError(
-            f"convert: '{name}' has track_running_stats=False, so there are no statistics to freeze; "
-            f"recalibrate it first or leave it trainable. Nothing was changed."
-        )
     unknown = set(kwargs) - accepted
     if unknown:
         raise ValueError(f"convert: {cls.__name__} does not take {sorted(unknown)}; it takes {sorted(accepted)}")
@@ -121,6 +141,14 @@ def _convert_one(src: nn.Module, name: str, to: str, dim: Optional[int], kwargs:
         new = cls(**init) if to == "groupnorm" else cls(c, **{k: v for k, v in init.items() if k != "num_features"})
     except (TypeError, ValueError) as err:
         raise ValueError(f"convert: cannot build {cls.__name__} for '{name}' ({type(src).__name__}): {err}") from err
+    try:
+        attach_extras(new, kind.extras, copy_modules=True)
+    except ValueError as err:
+        raise ValueError(
+            f"convert: '{name}' ({type(src).__name__}) applies {kind.describe_extras()} after normalizing, which "
+            f"to={to!r} cannot hold ({err}); convert with to='act' or to='frozen', or replace the layer by hand. "
+            f"Nothing was changed."
+        ) from err
     copy_norm_values(src, new)
     new.train(src.training)
     return new
@@ -139,7 +167,13 @@ def convert(model: nn.Module, to: str, *, dim: Optional[int] = None, **kwargs) -
 
     Raises ``ValueError`` with the layer's name when a layer cannot be converted: an unknown
     ``to``, a group count that does not divide the channels, freezing a BN without running
-    statistics, a fused activation the target cannot express, a target module not installed.
+    statistics, an activation/dropout the target cannot hold, a forward this library cannot describe
+    (:func:`batchnorm.nn.kinds.kind_of`), a target module not installed.
+
+    Batch norms with extras (an activation in ``.act`` and dropout in ``.drop``, as timm's
+    ``BatchNormAct2d``; or this library's ``BatchNormAct*d``) keep them: ``to="act"`` carries
+    them over (as modules, or as the string activation where that is what the target takes),
+    ``to="frozen"`` gives a ``FrozenBatchNormAct*d``; targets with no place for them refuse.
 
     Shapes: the converted layers take the same ``(N, C, *)`` inputs.
 
@@ -156,7 +190,7 @@ def convert(model: nn.Module, to: str, *, dim: Optional[int] = None, **kwargs) -
     if dim is not None and dim not in (1, 2, 3):
         raise ValueError(f"convert: dim must be 1, 2 or 3, got {dim!r}")
     new = copy.deepcopy(model)
-    targets = bn_modules(new)
+    targets = batchnorm_modules(new)
     if any(name == "" for name, _ in targets):
         return _convert_one(new, type(model).__name__, to, dim, kwargs)
     converted = [(name, _convert_one(bn, name, to, dim, kwargs)) for name, bn in targets]

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..functional.stats import merge, moments, param_view
-from ._graph import bn_modules, has_running_stats, is_frozen
+from ..nn.kinds import batchnorm_modules, has_running_stats, is_frozen
 
 __all__ = ["recalibrate"]
 
@@ -73,19 +73,22 @@ def recalibrate(
     module in eval mode (dropout off, as at inference), then writes per BN, in place:
     ``running_mean`` = the mean of all values its input took, ``running_var`` = their
     unbiased variance (pooled with Chan's merge in float64, see the module docstring), and
-    ``num_batches_tracked +=`` the number of batches it saw (calls, for a BN used twice per forward). Nothing else changes: parameters and all
-    other buffers stay bit-identical, and the training mode of every module is restored
-    in ``try/finally``. If a batch raises, the running statistics are restored to their
-    values before the call and the error propagates.
+    ``num_batches_tracked +=`` the number of batches it saw (calls, for a BN used twice per
+    forward). Nothing else changes: parameters and all other buffers stay bit-identical, and the
+    training mode of every module is restored in ``try/finally``. If a batch raises - including
+    the ``ValueError`` for a batch norm input with NaN/Inf - the running statistics are restored
+    to their values before the call and the error propagates: non-finite data never reaches them.
 
     How: a forward pre-hook on each BN computes the batch's per-channel ``(n_k, mu_k, var_k)``
-    (one read of the BN input; float32 statistics with re-centring at large offsets) and
-    stores them as the BN's running statistics, and the BN runs in eval mode - which then
-    normalizes with exactly the batch statistics (for channels with ``|mean| > SHIFT_LIMIT * std``, 8 std, the hook
-    hands the BN ``x - s`` with ``s`` the mean rounded to the input dtype, an exact
-    subtraction, so float32 rounding of a large mean does not shift the normalized output). So the cost is that of plain eval-mode
-    forwards plus one statistics pass per BN, whatever the BN variant (renorm, ghost,
-    frozen, torch.nn or this library's), and momentum is not touched.
+    (:func:`batchnorm.functional.stats.moments`: the library's one precision rule, exact for large
+    reductions and re-centred at large offsets) and stores
+    them as the BN's running statistics, and the BN runs in eval mode - which then normalizes
+    with exactly the batch statistics (for channels with ``|mean| > SHIFT_LIMIT * std``, 8 std,
+    the hook hands the BN ``x - s`` with ``s`` the mean rounded to the input dtype, an exact
+    subtraction, so float32 rounding of a large mean does not shift the normalized output). So
+    the cost is that of plain eval-mode forwards plus one statistics pass per BN, whatever the
+    BN variant (renorm, ghost, torch.nn's, this library's, with extras such as an activation),
+    and momentum is not touched. Frozen batch norms are left alone.
 
     Args:
         model: any module containing batch norms with ``track_running_stats=True`` (those
@@ -117,7 +120,7 @@ def recalibrate(
     except TypeError:
         raise TypeError(f"batches must be an iterable of batches (e.g. a DataLoader), got {type(batches).__name__}") from None
     call = forward_fn or _default_call
-    bns = [(name, bn) for name, bn in bn_modules(model) if has_running_stats(bn) and not is_frozen(bn)]
+    bns = [(name, bn) for name, bn in batchnorm_modules(model) if has_running_stats(bn) and not is_frozen(bn)]
     if not bns:
         raise ValueError("recalibrate: the model has no batch norm with running statistics; nothing to recalibrate")
 
@@ -129,7 +132,14 @@ def recalibrate(
         def hook(bn, args):
             x = args[0]
             st = moments(x)  # the one precision rule: blocks for large reductions, a shift far from zero
-            parts[name].append((st.count, st.total_mean(torch.float64), st.var.double()))
+            mean, var = st.total_mean(torch.float64), st.var.double()
+            if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(var).all())):
+                raise ValueError(
+                    f"recalibrate: batch {seen + 1}: the input of batch norm '{name}' contains NaN or Inf "
+                    f"(or overflows); running statistics left unchanged - clean the data or find the layer "
+                    f"that produces it"
+                )
+            parts[name].append((st.count, mean, var))
             bn.running_mean.copy_(st.mean)
             bn.running_var.copy_(st.var)
             if st.shift is not None:
