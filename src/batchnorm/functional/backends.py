@@ -17,6 +17,9 @@ Interface (static methods):
   with weight ``factor`` (Aten only: ``updates_in_kernel``);
 * ``infer(x, mean, var, weight, bias, eps, residual, activation, shift=None) -> y``: normalize
   with constants (the running statistics), of ``x - shift`` when a shift is given;
+* ``update_running(running, mean, rstd, eps, count, momentum) -> bool``: the moving-average
+  update as one call where the backend has one (Triton: one launch), else ``False`` and the
+  pipeline's tensor ops do it;
 * ``centres_itself``: whether ``train`` is exact at large offsets on its own (the Triton
   kernels shift by a pivot internally); otherwise the pipeline applies the precision rule.
 
@@ -79,6 +82,11 @@ class Aten:
         return y, mean, rstd  # the statistics outputs are not differentiable: nothing to detach
 
     @staticmethod
+    def update_running(running, mean, rstd, eps, count, momentum) -> bool:
+        """A separate one-call running update: none here (``train`` updates inside the kernel)."""
+        return False
+
+    @staticmethod
     def infer(x, mean, var, weight, bias, eps, residual, activation, shift=None):
         w, b = affine_args(x, weight, bias)
         if mean.dtype in (torch.float16, torch.bfloat16):  # half buffers: statistics in float32
@@ -105,6 +113,19 @@ class Triton:
 
         y, mean, rstd, _, _ = ops.bn_act_train(x, weight, bias, residual, float(eps), activation or "identity")
         return y, mean.detach(), rstd.detach()
+
+    @staticmethod
+    def update_running(running, mean, rstd, eps, count, momentum) -> bool:
+        """The running update in one launch (``kernels.ops.bn_running_update``) where it applies:
+        float32/half contiguous buffers on the statistics' device, more than one value per channel."""
+        rm, rv, nbt = running
+        if (rm.dtype == torch.float64 or not (rm.is_contiguous() and rv.is_contiguous()) or rm.device != mean.device
+                or rv.dtype != rm.dtype or count < 2 or mean.dtype != torch.float32):  # fmt: skip
+            return False
+        from ..kernels import ops
+
+        ops.bn_running_update(rm, rv, nbt, mean, rstd, float(eps), int(count), momentum)
+        return True
 
     @staticmethod
     def infer(x, mean, var, weight, bias, eps, residual, activation, shift=None):

@@ -474,6 +474,10 @@ def _train_fused(x, source, be, weight, bias, running, momentum, eps, count, res
         if running.count is not None:
             running.count.add_(1)
         return y
+    if (running is not None and not check_finite and source.in_kernel
+            and be.update_running(running, mean if shift is None else mean + shift.to(mean.dtype), rstd, eps, count,
+                                  momentum)):  # fmt: skip
+        return y
     if check_finite or running is not None:
         pooled = source.pooled(BatchStats(mean, var_from_rstd(rstd, eps), count, shift))
         if check_finite:
