@@ -35,11 +35,11 @@ def fx_leaf(module: nn.Module, *args):
     its shape, which a ``Proxy`` cannot answer. As a leaf, the traced graph calls the module itself,
     so ``symbolic_trace``, FX quantization and feature extractors work and keep this library's forward.
     """
-    proxy = next((a for a in args if isinstance(a, fx.Proxy)), None)
-    if proxy is None:
-        return None
-    tracer = proxy.tracer
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+    for a in args:  # a plain loop: torch 2.6's dynamo cannot trace next(generator, default)
+        if isinstance(a, fx.Proxy):
+            tracer = a.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+    return None
 
 
 def check_num_features(n, name: str = "num_features") -> None:
