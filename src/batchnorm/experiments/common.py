@@ -1,0 +1,136 @@
+"""Helpers the experiments share: tuned arms (learning-rate grid x seeds), curve summaries, figure bands.
+
+:func:`tuned_arms` is the protocol of :mod:`.protocol` in one call: every arm is run on
+every learning rate of its grid with every seed, its rate is chosen on the validation
+split (:func:`.protocol.select_lr`), and the runs at the chosen rate are returned for
+reporting on the test split. ``metrics["arms"][name]`` then holds::
+
+    {"lr": chosen, "at_edge": bool, "grid": {lr: {"mean": .., "std": ..}}, "runs": [history per seed]}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .protocol import Stat, pct, reach, select_lr, stat
+from .runs import train_run
+
+__all__ = ["arm_runs", "at_step", "band", "final", "grid_table", "lr_label", "reach_all", "tuned_arms"]
+
+
+def lr_label(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def tuned_arms(ctx, arms: dict, lrs, *, fn=train_run, desc: str = "runs", extra: dict | None = None,
+               tune_seeds: int | None = None) -> dict:
+    """Run ``arms`` (name -> spec without ``"lr"``) on their grid (``lrs``: a list, or name -> list) x seeds.
+
+    The grid runs with the first ``tune_seeds`` seeds (default: all of ``ctx.seeds``);
+    the chosen rate then runs with the remaining seeds too. ``extra`` maps a new arm
+    name to ``(arm, lr or callable(chosen) -> lr)``: runs of an existing arm's spec at
+    another rate (e.g. BN at the baseline's chosen rate, the paper's BN-Baseline
+    setting), added after tuning. Returns ``{name: {"lr", "at_edge", "grid", "spec",
+    "runs"}}`` as described in the module docstring (``runs``: all seeds at the chosen rate).
+    """
+    grids = {a: list(lrs[a] if isinstance(lrs, dict) else lrs) for a in arms}
+    tune = list(ctx.seeds[:tune_seeds]) if tune_seeds else list(ctx.seeds)
+    rest = [s for s in ctx.seeds if s not in tune]
+    runs = [({**arms[a], "lr": lr}, s) for a in arms for lr in grids[a] for s in tune]
+    results = iter(ctx.execute(fn, runs, desc))
+    out = {}
+    for a in arms:
+        by_lr = {lr: [next(results) for _ in tune] for lr in grids[a]}
+        scores = {lr: [float(np.mean(h["val_acc"])) if not h["diverged"] else 0.0 for h in hs]
+                  for lr, hs in by_lr.items()}
+        best, edge = select_lr(scores)
+        out[a] = {"lr": best, "at_edge": edge, "spec": {**arms[a], "lr": best},
+                  "grid": {lr_label(lr): {"mean": stat(v).mean, "std": stat(v).std,
+                                          "diverged": sum(h["diverged"] for h in by_lr[lr])}
+                           for lr, v in scores.items()},
+                  "runs": by_lr[best]}
+    if rest:
+        more = iter(ctx.execute(fn, [(out[a]["spec"], s) for a in arms for s in rest], desc))
+        for a in arms:
+            out[a]["runs"] = out[a]["runs"] + [next(more) for _ in rest]
+    for name, (base, rate) in (extra or {}).items():
+        lr = rate(out) if callable(rate) else rate
+        hs = ctx.execute(fn, [({**arms[base], "lr": lr}, s) for s in ctx.seeds], desc)
+        out[name] = {"lr": lr, "at_edge": False, "spec": {**arms[base], "lr": lr}, "grid": {}, "runs": hs}
+    return out
+
+
+def arm_runs(metrics: dict, arm: str) -> list[dict]:
+    return metrics["arms"][arm]["runs"]
+
+
+def final(runs: Sequence[dict], key: str = "test_acc") -> Stat:
+    """:class:`Stat` of the last recorded ``key`` over seeds (a diverged run counts as chance, 0.1)."""
+    return stat([(h[key][-1] if not h["diverged"] else 0.1) for h in runs])
+
+
+def at_step(runs: Sequence[dict], step: int, key: str = "test_acc") -> Stat:
+    """:class:`Stat` over seeds of ``key`` at evaluation step ``step`` (the last one recorded before it if missing)."""
+    vals = []
+    for h in runs:
+        idx = max(i for i, s in enumerate(h["step"]) if s <= step)
+        vals.append(h[key][idx] if not (h["diverged"] and h["step"][idx] < step) else 0.1)
+    return stat(vals)
+
+
+def reach_all(runs: Sequence[dict], threshold: float, key: str = "test_acc") -> list:
+    """Steps to ``threshold`` per seed (``None`` where never reached)."""
+    return [reach(h["step"], h[key], threshold) for h in runs]
+
+
+def reach_fmt(values: Sequence, budget: int) -> str:
+    """``"mean ± std"`` of the seeds that reached the threshold, with how many did."""
+    got = [v for v in values if v is not None]
+    if not got:
+        return f"not in {budget}"
+    s = stat(got)
+    tail = "" if len(got) == len(values) else f" ({len(got)}/{len(values)} seeds reached it)"
+    return f"{s.mean:.0f} ± {s.std:.0f}{tail}"
+
+
+def grid_table(metrics: dict, labels: dict) -> tuple[list, list]:
+    """Validation score (mean ± std over seeds) of every arm at every rate; the chosen rate marked ``*``."""
+    arms = [a for a in labels if metrics["arms"][a]["grid"]]
+    lrs = sorted({float(lr) for a in arms for lr in metrics["arms"][a]["grid"]})
+    rows = []
+    for a in arms:
+        g = metrics["arms"][a]["grid"]
+        row = [labels[a]]
+        for lr in lrs:
+            cell = g.get(lr_label(lr))
+            if cell is None:
+                row.append("")
+                continue
+            mark = " *" if lr == metrics["arms"][a]["lr"] else ""
+            div = f" ({cell['diverged']} diverged)" if cell["diverged"] else ""
+            row.append(f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f}{mark}{div}")
+        rows.append(row)
+    return ["validation score (%) by learning rate", *(f"lr {lr:g}" for lr in lrs)], rows
+
+
+def edge_notes(metrics: dict, labels: dict) -> list[str]:
+    """Warnings for arms whose chosen rate is at the edge of the grid."""
+    return [f"**Note:** the best rate of '{labels[a]}' ({metrics['arms'][a]['lr']:g}) is at the edge of its grid; "
+            f"a wider grid might find a better one." for a in labels
+            if a in metrics["arms"] and metrics["arms"][a]["at_edge"]]
+
+
+def band(ax, runs: Sequence[dict], key: str = "test_acc", *, color, label, ls: str = "-", x: str = "step") -> None:
+    """Mean over seeds of ``key`` against ``x`` with a ±1 std band (seeds truncated to the shortest history)."""
+    n = min(len(h[key]) for h in runs)
+    steps = np.asarray(runs[0][x][:n], dtype=float)
+    vals = np.asarray([h[key][:n] for h in runs], dtype=float)
+    mean, std = vals.mean(0), vals.std(0, ddof=1) if len(runs) > 1 else np.zeros(n)
+    ax.plot(steps, mean, ls, color=color, label=label, lw=1.6)
+    ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.18, lw=0)
+
+
+def pct_cell(runs: Sequence[dict], key: str = "test_acc") -> str:
+    return pct(final(runs, key))
