@@ -259,7 +259,7 @@ def test_evaluate_train_mode_keeps_running_stats():
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
     m = copy.deepcopy(net).train()
-    outs = [m(data.test_x[i:i + 20]) for i in (0, 20, 40)]
+    outs = [m(data.test_x[i:i + 20]).detach() for i in (0, 20, 40)]
     assert acc_batch == sum(int((o.argmax(1) == data.test_y[i:i + 20]).sum()) for o, i in zip(outs, (0, 20, 40))) / 60
     expected = sum(float(torch.nn.functional.cross_entropy(o, data.test_y[i:i + 20], reduction="sum"))
                    for o, i in zip(outs, (0, 20, 40))) / 60

@@ -17,7 +17,8 @@ import numpy as np
 from .protocol import Stat, pct, reach, select_lr, stat
 from .runs import train_run
 
-__all__ = ["arm_runs", "at_step", "band", "final", "grid_table", "lr_label", "reach_all", "tuned_arms"]
+__all__ = ["at_step", "band", "edge_notes", "final", "grid_text", "lr_label", "plot_speed", "reach_all", "reach_fmt",
+           "speed_table", "tuned_arms", "tuning_protocol"]
 
 
 def lr_label(lr: float) -> str:
@@ -62,10 +63,6 @@ def tuned_arms(ctx, arms: dict, lrs, *, fn=train_run, desc: str = "runs", extra:
     return out
 
 
-def arm_runs(metrics: dict, arm: str) -> list[dict]:
-    return metrics["arms"][arm]["runs"]
-
-
 def final(runs: Sequence[dict], key: str = "test_acc") -> Stat:
     """:class:`Stat` of the last recorded ``key`` over seeds (a diverged run counts as chance, 0.1)."""
     return stat([(h[key][-1] if not h["diverged"] else 0.1) for h in runs])
@@ -95,31 +92,77 @@ def reach_fmt(values: Sequence, budget: int) -> str:
     return f"{s.mean:.0f} ± {s.std:.0f}{tail}"
 
 
-def grid_table(metrics: dict, labels: dict) -> tuple[list, list]:
-    """Validation score (mean ± std over seeds) of every arm at every rate; the chosen rate marked ``*``."""
-    arms = [a for a in labels if metrics["arms"][a]["grid"]]
-    lrs = sorted({float(lr) for a in arms for lr in metrics["arms"][a]["grid"]})
-    rows = []
-    for a in arms:
-        g = metrics["arms"][a]["grid"]
-        row = [labels[a]]
-        for lr in lrs:
-            cell = g.get(lr_label(lr))
-            if cell is None:
-                row.append("")
-                continue
-            mark = " *" if lr == metrics["arms"][a]["lr"] else ""
-            div = f" ({cell['diverged']} diverged)" if cell["diverged"] else ""
-            row.append(f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f}{mark}{div}")
-        rows.append(row)
-    return ["validation score (%) by learning rate", *(f"lr {lr:g}" for lr in lrs)], rows
+def grid_text(metrics: dict, labels: dict) -> str:
+    """Validation score (mean ± std over the tuning seeds, %) of every arm at every rate, the chosen one marked ``*``."""
+    parts = []
+    for a, label in labels.items():
+        g = metrics["arms"].get(a, {}).get("grid")
+        if not g:
+            continue
+        cells = []
+        for lr in sorted(g, key=float):
+            c = g[lr]
+            mark = "*" if float(lr) == metrics["arms"][a]["lr"] else ""
+            div = f" ({c['diverged']} diverged)" if c["diverged"] else ""
+            cells.append(f"{lr}: {100 * c['mean']:.1f} ± {100 * c['std']:.1f}{mark}{div}")
+        parts.append(f"{label}: " + ", ".join(cells))
+    return "; ".join(parts)
 
 
-def edge_notes(metrics: dict, labels: dict) -> list[str]:
-    """Warnings for arms whose chosen rate is at the edge of the grid."""
-    return [f"**Note:** the best rate of '{labels[a]}' ({metrics['arms'][a]['lr']:g}) is at the edge of its grid; "
-            f"a wider grid might find a better one." for a in labels
-            if a in metrics["arms"] and metrics["arms"][a]["at_edge"]]
+def tuning_protocol(metrics: dict, labels: dict, lrs, what: str = "arm") -> str:
+    """The standard protocol sentence: seeds, the grid, the selection rule, and every arm's validation scores."""
+    return (f"{len(metrics['seeds'])} seeds per {what}. Learning rate per {what} from {', '.join(f'{x:g}' for x in lrs)}, "
+            "chosen by the mean validation accuracy over the evaluation points (area under the validation curve), "
+            "averaged over the seeds; the test split is only reported. Validation score (%) by rate: "
+            + grid_text(metrics, labels) + " (* chosen).")
+
+
+def speed_table(arms: dict, labels: dict, threshold: float, budget: int, checkpoints) -> tuple[list, list]:
+    """Per arm: its rate, steps to ``threshold`` and test accuracy at ``checkpoints`` and at the end (mean ± std)."""
+    cps = [c for c in checkpoints if c < budget]
+    rows = [[labels[a], f"{arms[a]['lr']:g}", reach_fmt(reach_all(arms[a]["runs"], threshold), budget),
+             *(pct(at_step(arms[a]["runs"], c)) for c in cps), pct(final(arms[a]["runs"]))] for a in labels]
+    return (["arm", "lr", f"steps to {threshold:.0%} test acc.", *(f"test acc. at step {c}" for c in cps),
+             f"test acc. at step {budget}"], rows)
+
+
+def plot_speed(arms: dict, labels: dict, style: dict, threshold: float, steps: int, path) -> str:
+    """Test accuracy (mean ± std over seeds) against steps: log steps over the whole range, and a zoom on the top."""
+    from .plotting import legend_below, pyplot, save_figure
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
+    for a in labels:
+        color, ls = style[a]
+        for ax in axes:
+            band(ax, arms[a]["runs"], color=color, ls=ls, label=f"{labels[a]} (lr {arms[a]['lr']:g})")
+    axes[0].axhline(threshold, color="gray", lw=0.8, ls=":")
+    axes[0].set(xscale="symlog", xlim=(0, steps), xlabel="training step (log scale)",
+                ylabel="test accuracy (eval mode)", ylim=(0, 1), title="how fast (all steps)")
+    lo = min(final(arms[a]["runs"]).mean for a in labels)
+    axes[1].set(xlim=(0, steps), xlabel="training step", ylabel="test accuracy (eval mode)",
+                ylim=(max(0.0, min(lo - 0.03, 0.9)), 1.0), title="how high (zoomed)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    legend_below(fig, axes, ncol=2)
+    return save_figure(fig, path, bottom=0.06 + 0.045 * ((len(labels) + 1) // 2))
+
+
+def edge_notes(metrics: dict, labels: dict, chance: float = 0.2) -> list[str]:
+    """Warnings for arms whose chosen rate is at the edge of the grid (or that trained at no rate at all)."""
+    notes = []
+    for a in labels:
+        arm = metrics["arms"].get(a)
+        if not arm or not arm["at_edge"]:
+            continue
+        best = arm["grid"][lr_label(arm["lr"])]["mean"]
+        if best < chance:
+            notes.append(f"**Note:** '{labels[a]}' did not train at any rate of its grid (best validation score "
+                         f"{100 * best:.1f}%); its rate ({arm['lr']:g}) is the grid's least bad.")
+        else:
+            notes.append(f"**Note:** the best rate of '{labels[a]}' ({arm['lr']:g}) is at the edge of its grid; a "
+                         f"wider grid might find a better one.")
+    return notes
 
 
 def band(ax, runs: Sequence[dict], key: str = "test_acc", *, color, label, ls: str = "-", x: str = "step") -> None:
@@ -130,7 +173,3 @@ def band(ax, runs: Sequence[dict], key: str = "test_acc", *, color, label, ls: s
     mean, std = vals.mean(0), vals.std(0, ddof=1) if len(runs) > 1 else np.zeros(n)
     ax.plot(steps, mean, ls, color=color, label=label, lw=1.6)
     ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.18, lw=0)
-
-
-def pct_cell(runs: Sequence[dict], key: str = "test_acc") -> str:
-    return pct(final(runs, key))

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import at_step, band, edge_notes, final, grid_table, reach_all, reach_fmt, tuned_arms
-from .plotting import COLORS, legend_below, pyplot, save_figure
+from .common import edge_notes, final, plot_speed, reach_all, speed_table, tuned_arms, tuning_protocol
+from .plotting import COLORS
 from .protocol import fmt_ratio, paired, pct, ratio_stat, verdict
 from .report import Claim, Section
 from .runner import Context
@@ -38,7 +38,7 @@ STYLE = {"bn": (COLORS["bn"], "-"), "none": (COLORS["none"], "-"), "bn-at-base":
 
 
 def settings(ctx: Context) -> dict:
-    s = {"channels": [16, 32], "fc": [128, 64], "lrs": [0.01, 0.02, 0.05, 0.1, 0.2, 0.5], "batch_size": 60,
+    s = {"channels": [16, 32], "fc": [128, 64], "lrs": [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0], "batch_size": 60,
          "steps": 1500, "eval_every": 50, "dense_until": 300, "dense_every": 10, "old_lr": 0.05,
          "threshold": 0.97 if ctx.data.name == "mnist" else 0.95, "checkpoints": [50, 100, 300]}
     if ctx.fast:
@@ -68,35 +68,17 @@ def run(ctx: Context) -> dict:
 
 
 def plot(metrics: dict, out_dir: Path):
-    plt = pyplot()
-    s, arms = metrics["settings"], metrics["arms"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for a in LABELS:
-        color, ls = STYLE[a]
-        band(axes[0], arms[a]["runs"], color=color, ls=ls, label=f"{LABELS[a]}, lr {arms[a]['lr']:g}")
-        band(axes[1], arms[a]["runs"], color=color, ls=ls, label=f"{LABELS[a]}, lr {arms[a]['lr']:g}")
-    axes[0].axhline(s["threshold"], color="gray", ls=":", lw=0.8)
-    axes[0].set(xscale="symlog", xlim=(0, s["steps"]), xlabel="training step (log scale)",
-                ylabel="test accuracy (eval mode)", ylim=(0, 1), title="how fast")
-    lo = min(final(arms[a]["runs"]).mean for a in LABELS)
-    axes[1].set(xlim=(0, s["steps"]), xlabel="training step", ylabel="test accuracy (eval mode)",
-                ylim=(max(0.0, min(lo - 0.02, 0.9)), 1.0), title="how high (zoomed)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    legend_below(fig, axes, ncol=2)
-    return [(save_figure(fig, out_dir / "convnet.png", bottom=0.2),
-             f"The seeds' ConvNet: test accuracy, mean ± std over {len(metrics['seeds'])} seeds; left on a log step "
-             f"axis with the {s['threshold']:.0%} threshold dotted, right zoomed.")]
+    s = metrics["settings"]
+    png = plot_speed(metrics["arms"], LABELS, STYLE, s["threshold"], s["steps"], out_dir / "convnet.png")
+    return [(png, f"The seeds' ConvNet: test accuracy, mean ± std over {len(metrics['seeds'])} seeds; left on a log "
+                  f"step axis with the {s['threshold']:.0%} threshold dotted, right zoomed.")]
 
 
 def section(metrics: dict) -> Section:
     s, arms = metrics["settings"], metrics["arms"]
     thr, budget = s["threshold"], s["steps"]
     r = {a: reach_all(arms[a]["runs"], thr) for a in LABELS}
-    cps = [c for c in s["checkpoints"] if c < budget]
-    rows = [[LABELS[a], f"{arms[a]['lr']:g}", reach_fmt(r[a], budget), *(pct(at_step(arms[a]["runs"], c)) for c in cps),
-             pct(final(arms[a]["runs"]))] for a in LABELS]
-    columns = ["arm", "lr", f"steps to {thr:.0%}", *(f"test acc. at step {c}" for c in cps), f"at step {budget}"]
+    columns, rows = speed_table(arms, LABELS, thr, budget, s["checkpoints"])
     own = ratio_stat(r["none"], r["bn"], budget)
     base = ratio_stat(r["none"], r["bn-at-base"], budget)
     old = ratio_stat(r["none-old"], r["bn-old"], budget)
@@ -126,10 +108,8 @@ def section(metrics: dict) -> Section:
              f"Linear({s['fc'][0]})-BN-ReLU, Linear({s['fc'][1]})-BN-ReLU, Linear(10); He init; plain SGD, batch "
              f"{s['batch_size']}, {budget} steps; accuracy every {s['dense_every']} steps up to {s['dense_until']}, then "
              f"every {s['eval_every']}. The arm without BN drops the BN layers only.")
-    protocol = (f"{len(metrics['seeds'])} seeds per arm; learning rate per arm from {', '.join(f'{x:g}' for x in s['lrs'])} by "
-                "the mean validation accuracy over the evaluation points; BN-Baseline reuses the rate chosen for the "
-                "network without BN. Grid: " +
-                "; ".join(f"{row[0]}: {' '.join(row[1:])}" for row in grid_table(metrics, LABELS)[1]) + " (* chosen).")
+    protocol = tuning_protocol(metrics, LABELS, s["lrs"]) + " BN-Baseline reuses the rate chosen for the network " \
+        "without BN."
     papers = ["Ioffe & Szegedy (2015), Table 2: steps to reach Inception's 72.2% top-1: Inception 31.0M, BN-Baseline "
               "13.3M (BN added, nothing else changed), BN-x5 2.1M, BN-x30 2.7M; maximum accuracy: Inception 72.2%, "
               "BN-Baseline 72.7%, BN-x5 73.0%, BN-x30 74.8%. The '14 times fewer steps' of the abstract is BN-x5, "

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import band, edge_notes, final, grid_table, tuned_arms
+from .common import band, edge_notes, final, tuned_arms, tuning_protocol
 from .plotting import COLORS, legend_below, pyplot, save_figure
 from .protocol import paired, pct, stat, verdict
 from .report import Claim, Section
@@ -37,7 +37,7 @@ LABELS = {"bn": "with BN", "none": "without BN"}
 
 
 def settings(ctx: Context) -> dict:
-    s = {"depth": 15, "width": 64, "lrs": [0.1, 0.3, 1.0, 3.0, 10.0], "batch_size": 60,
+    s = {"depth": 15, "width": 64, "lrs": [0.03, 0.1, 0.3, 1.0, 3.0, 10.0], "batch_size": 60,
          "steps": 2000 if ctx.data.name == "mnist" else 1000, "probe_every": 100}
     if ctx.fast:
         s.update(depth=6, steps=20, probe_every=10, lrs=[0.3, 3.0])
@@ -118,9 +118,7 @@ def section(metrics: dict) -> Section:
     setup = (f"MLP with {s['depth']} hidden layers of {s['width']} sigmoid units, Glorot init, SGD, batch "
              f"{s['batch_size']}, {s['steps']} steps; accuracy and the gradient norms (averaged over 5 fixed training "
              f"batches) every {s['probe_every']} steps.")
-    protocol = (f"{len(metrics['seeds'])} seeds per arm; learning rate per arm from {', '.join(f'{x:g}' for x in s['lrs'])} "
-                "by the mean validation accuracy over the evaluation points. Grid: " +
-                "; ".join(f"{row[0]}: {' '.join(row[1:])}" for row in grid_table(metrics, LABELS)[1]) + " (* chosen).")
+    protocol = tuning_protocol(metrics, LABELS, s["lrs"])
     papers = ["Ioffe & Szegedy (2015), Section 4.2.2: BN-x5-Sigmoid (Inception with sigmoid units and BN) reaches "
               "69.8% top-1 accuracy; without BN, Inception with sigmoid units never exceeds 0.1% (1/1000, chance)."]
     return Section("depth", TITLE, CLAIM, setup, (["", *(LABELS[a] for a in ARMS)], rows), findings, claims=claims,

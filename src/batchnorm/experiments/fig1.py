@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import at_step, band, edge_notes, final, grid_table, reach_all, reach_fmt, tuned_arms
-from .plotting import COLORS, legend_below, pyplot, save_figure
-from .protocol import fmt_ratio, paired, pct, ratio_stat, stat, verdict
+from .common import edge_notes, plot_speed, reach_all, speed_table, tuned_arms, tuning_protocol
+from .plotting import COLORS, pyplot, save_figure
+from .protocol import fmt_ratio, paired, ratio_stat, stat, verdict
 from .report import Claim, Section
 from .runner import Context
 from .train import eval_steps
@@ -69,7 +69,8 @@ def run(ctx: Context) -> dict:
             for st, va, ta, lo, p15, p50, p85 in zip(h["step"], h["val_acc"], h["test_acc"], h["train_loss"],
                                                      h["p15"], h["p50"], h["p85"])]
     grid_rows = [[a, float(lr), g["mean"], g["std"], g["diverged"]] for a in ARMS for lr, g in res[a]["grid"].items()]
-    return {"settings": s, "seeds": list(ctx.seeds), "arms": res, "tables": {
+    return {"settings": s, "seeds": list(ctx.seeds), "arms": res, "probe_images": min(600, len(ctx.data.val_y)),
+            "tables": {
         "curves": {"columns": ["arm", "lr", "seed", "step", "val_acc", "test_acc", "train_loss", "sigmoid_input_p15",
                                "sigmoid_input_p50", "sigmoid_input_p85"], "rows": rows},
         "lr_grid": {"columns": ["arm", "lr", "val_score_mean", "val_score_std", "diverged_runs"], "rows": grid_rows}}}
@@ -84,21 +85,7 @@ def drift(h: dict) -> tuple[float, float]:
 def plot(metrics: dict, out_dir: Path):
     plt = pyplot()
     s, arms = metrics["settings"], metrics["arms"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    for a in ARMS:
-        color, ls = STYLE[a]
-        for ax in axes:
-            band(ax, arms[a]["runs"], color=color, ls=ls, label=f"{LABELS[a]} (lr {arms[a]['lr']:g})")
-    axes[0].set(xscale="symlog", xlabel="training step (log scale)", ylabel="test accuracy (eval mode)",
-                ylim=(0, 1), title="(a) how fast: all steps", xlim=(0, s["steps"]))
-    axes[0].axhline(s["threshold"], color="gray", lw=0.8, ls=":")
-    lo = min(final(arms[a]["runs"]).mean for a in ARMS)
-    axes[1].set(xlabel="training step", ylabel="test accuracy (eval mode)", title="(a) how high: zoomed",
-                ylim=(max(0.0, min(lo - 0.03, 0.9)), 1.0), xlim=(0, s["steps"]))
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    legend_below(fig, axes, ncol=2)
-    a_png = save_figure(fig, out_dir / "fig1_accuracy.png", bottom=0.16)
+    a_png = plot_speed(arms, LABELS, STYLE, s["threshold"], s["steps"], out_dir / "fig1_accuracy.png")
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.4))
     for row, (init, (bn, none)) in enumerate(PAIRS.items()):
@@ -109,13 +96,18 @@ def plot(metrics: dict, out_dir: Path):
             ax.plot(h["step"], h["p50"], color=color, lw=1.6, label="median")
             ax.set(title=f"{tag}, {init}", xlabel="training step", ylabel="input to one last-layer sigmoid")
             ax.grid(alpha=0.3)
-    legend_below(fig, axes.flat, ncol=2)
+    from matplotlib.patches import Patch
+
+    fig.legend([Patch(color="gray", alpha=0.3), plt.Line2D([], [], color="gray", lw=1.6)],
+               ["15th-85th percentile", "median (red: without BN, blue: with BN)"], loc="lower center", ncol=2,
+               frameon=False, fontsize=9)
     b_png = save_figure(fig, out_dir / "fig1_sigmoid_input.png", bottom=0.06)
     seed = metrics["seeds"][0]
     return [(a_png, f"Test accuracy against training steps, mean ± std over {len(metrics['seeds'])} seeds, each arm at "
                     f"its own best learning rate; left on a log step axis with the {s['threshold']:.0%} threshold "
                     f"dotted, right zoomed on the top of the accuracy range."),
-            (b_png, f"The paper's Figure 1(b, c): 15th, 50th and 85th percentile over 600 validation images of the "
+            (b_png, f"The paper's Figure 1(b, c): 15th, 50th and 85th percentile over {metrics['probe_images']} "
+                    f"validation images of the "
                     f"input to one sigmoid of the last hidden layer (unit 0, seed {seed}), without BN (left) and with "
                     f"BN (right), for both inits; note the different y-scales.")]
 
@@ -124,11 +116,7 @@ def section(metrics: dict) -> Section:
     s, arms = metrics["settings"], metrics["arms"]
     thr, budget = s["threshold"], s["steps"]
     reach_ = {a: reach_all(arms[a]["runs"], thr) for a in ARMS}
-    cps = [c for c in s["checkpoints"] if c < budget]
-    rows = [[LABELS[a], f"{arms[a]['lr']:g}", reach_fmt(reach_[a], budget),
-             *(pct(at_step(arms[a]["runs"], c)) for c in cps), pct(final(arms[a]["runs"]))] for a in ARMS]
-    columns = ["arm", "lr (own best)", f"steps to {thr:.0%} test acc.", *(f"test acc. at step {c}" for c in cps),
-               f"test acc. at step {budget}"]
+    columns, rows = speed_table(arms, LABELS, thr, budget, s["checkpoints"])
 
     speed, gain, stable, shown_speed, shown_gain, shown_stable = {}, {}, {}, [], [], []
     for setting, (bn, none) in PAIRS.items():
@@ -165,9 +153,10 @@ def section(metrics: dict) -> Section:
         "with BN. Band-width drift: " + "; ".join(
             f"{k}: {stat([drift(h)[1] for h in arms[PAIRS[k][1]]['runs']]).fmt(1, 2)} without vs "
             f"{stat([drift(h)[1] for h in arms[PAIRS[k][0]]['runs']]).fmt(1, 2)} with BN" for k in PAIRS) + ".",
-        "With the standard (Glorot) init the network without BN leaves its initial plateau quickly and the final "
-        "accuracies are close; with the paper's N(0, 0.01²) init it sits on a long plateau first, which is where the "
-        "earlier single-seed '88x' (one shared rate of 0.5, no tuning) came from.",
+        f"Final accuracy after {budget} steps, BN minus no BN: " + "; ".join(
+            f"{k}: {d.fmt(100, 2)} points (95% CI {100 * d.lo:+.2f} to {100 * d.hi:+.2f})" for k, d in gain.items())
+        + ". With the paper's N(0, 0.01²) init the network without BN first sits on a long plateau at chance - "
+        "the earlier single-seed '88x' came from that init with one shared, untuned rate of 0.5.",
         f"Differences from the paper: {budget} steps instead of 50,000; {metrics['data_description']}; "
         f"{n} seeds per arm; the paper does not state its learning rate or init scale.",
     ] + edge_notes(metrics, LABELS)
@@ -175,11 +164,7 @@ def section(metrics: dict) -> Section:
              f"{budget} steps, test and validation accuracy in eval mode at {len(eval_steps(budget, s['eval_every'], s['dense_until'], s['dense_every']))} "
              f"points (every {s['dense_every']} steps up to {s['dense_until']}, then every {s['eval_every']}). "
              "BN arms: BatchNorm1d between every linear map and its sigmoid; nothing else differs.")
-    protocol = (f"{n} seeds per arm. Learning rate per arm from {', '.join(f'{x:g}' for x in s['lrs'])}, chosen by "
-                "the mean validation accuracy over the evaluation points (area under the validation curve), averaged "
-                "over the seeds; the test split is only reported. Grid: " +
-                "; ".join(f"{LABELS[a]}: {' '.join(c for c in row[1:])}" for a, row in
-                          zip([a for a in ARMS if arms[a]["grid"]], grid_table(metrics, LABELS)[1])) + " (* chosen).")
+    protocol = tuning_protocol(metrics, LABELS, s["lrs"])
     papers = ["Ioffe & Szegedy (2015), Section 4.1 and Figure 1(a): on MNIST the BN network's test accuracy is above "
               "that of the network without BN throughout 50,000 steps and ends higher (the paper shows curves, no "
               "numbers or step counts); Figure 1(b, c): without BN the mean and variance of a sigmoid's input change "

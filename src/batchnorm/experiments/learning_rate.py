@@ -91,22 +91,13 @@ def _state(h: dict, trained_at: float, sat_at: float) -> str:
     return "saturated" if sat is not None and sat == sat and sat >= sat_at else "failed"
 
 
-def _largest_trained(metrics, net, norm) -> list:
-    """Per seed: the largest rate whose run trained (None if none did)."""
+def _trained_rates(metrics, net, norm, pick=max) -> list:
+    """Per seed: the largest (``pick=max``) or smallest (``min``) rate whose run trained; None if none did."""
     s = metrics["settings"]
     out = []
     for i in range(len(metrics["seeds"])):
         ok = [lr for lr in s["lrs"] if metrics["states"][_key(net, norm, lr)][i] == "trained"]
-        out.append(max(ok) if ok else None)
-    return out
-
-
-def _smallest_trained(metrics, net, norm) -> list:
-    s = metrics["settings"]
-    out = []
-    for i in range(len(metrics["seeds"])):
-        ok = [lr for lr in s["lrs"] if metrics["states"][_key(net, norm, lr)][i] == "trained"]
-        out.append(min(ok) if ok else None)
+        out.append(pick(ok) if ok else None)
     return out
 
 
@@ -134,10 +125,9 @@ def plot(metrics: dict, out_dir: Path):
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("final test accuracy (eval mode)")
     for st, mk in MARKERS.items():
-        axes[1].plot([], [], mk, color="k", mfc="white" if st != "trained" else "k",
-                     label=f"{st} (majority of seeds)")
-    legend_below(fig, axes, ncol=6)
-    return [(save_figure(fig, out_dir / "learning_rate.png", bottom=0.1),
+        axes[1].plot([], [], mk, color="k", mfc="white" if st != "trained" else "k", label=st)
+    legend_below(fig, axes, ncol=6, title="marker: the state of the majority of seeds", title_fontsize=9)
+    return [(save_figure(fig, out_dir / "learning_rate.png", bottom=0.16),
              f"Final test accuracy against the learning rate, mean ± std over {len(metrics['seeds'])} seeds; the marker "
              "shows the majority state: trained (filled), diverged (X, loss NaN/Inf), saturated (triangle), failed "
              "(square). A diverged run counts as chance (10%).")]
@@ -159,8 +149,8 @@ def section(metrics: dict) -> Section:
     shown, ours = [], []
     findings = []
     for net in NETS:
-        hb, hn = _largest_trained(metrics, net, "bn"), _largest_trained(metrics, net, "none")
-        lb, ln = _smallest_trained(metrics, net, "bn"), _smallest_trained(metrics, net, "none")
+        hb, hn = _trained_rates(metrics, net, "bn"), _trained_rates(metrics, net, "none")
+        lb, ln = _trained_rates(metrics, net, "bn", min), _trained_rates(metrics, net, "none", min)
         pairs = [(b, m) for b, m in zip(hb, hn) if b is not None and m is not None]
         if len(pairs) == len(hb):
             d = paired([math.log10(b) for b, _ in pairs], [math.log10(m) for _, m in pairs])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import band, edge_notes, final, grid_table, tuned_arms
+from .common import band, edge_notes, final, tuned_arms, tuning_protocol
 from .plotting import COLORS, legend_below, pyplot, save_figure
 from .protocol import paired, pct, stat, verdict
 from .report import Claim, Section
@@ -37,8 +37,8 @@ TOL_ACC = 0.005
 
 
 def settings(ctx: Context) -> dict:
-    s = {"hidden": [256, 256], "lrs": [0.01, 0.03, 0.1, 0.3], "batch_size": 60,
-         "steps": 6000 if ctx.data.name == "mnist" else 3000, "eval_every": 100}
+    s = {"hidden": [256, 256], "lrs": [0.03, 0.1, 0.3, 1.0], "batch_size": 60,
+         "steps": 4000 if ctx.data.name == "mnist" else 2000, "eval_every": 100}
     if ctx.fast:
         s.update(steps=20, eval_every=10, lrs=[0.03, 0.3])
     return s
@@ -129,10 +129,8 @@ def section(metrics: dict) -> Section:
     ] + edge_notes(metrics, LABELS)
     setup = (f"ReLU MLP with hidden layers {s['hidden']}, He init; BN (BatchNorm1d before each ReLU) and/or dropout "
              f"(after each hidden ReLU); plain SGD, batch {s['batch_size']}, {s['steps']} steps.")
-    protocol = (f"{len(metrics['seeds'])} seeds per arm; learning rate per arm from {', '.join(f'{x:g}' for x in s['lrs'])} "
-                "by the mean validation accuracy over the evaluation points. Grid: " +
-                "; ".join(f"{row[0]}: {' '.join(row[1:])}" for row in grid_table(metrics, LABELS)[1]) + " (* chosen). "
-                f"'Not needed' is a one-sided equality claim with tolerance {100 * TOL_ACC:.1f} points.")
+    protocol = tuning_protocol(metrics, LABELS, s["lrs"]) + \
+        f" 'Not needed' is a one-sided equality claim with tolerance {100 * TOL_ACC:.1f} points."
     papers = ["Ioffe & Szegedy (2015), Section 3.4: BN regularizes the model and reduces the need for Dropout; "
               "Section 4.2.1: removing Dropout from BN-Inception speeds up training without increasing overfitting "
               "(no separate number)."]

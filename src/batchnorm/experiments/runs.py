@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from .data import Dataset
 from .models import MLP, ConvNet, scale_weights
-from .train import loss_and_accuracy, param_groups, train
+from .train import batch_statistics, loss_and_accuracy, param_groups, train
 
 __all__ = ["PROBES", "build_model", "ddp_run", "train_run"]
 
@@ -63,17 +63,17 @@ def _probe_set(data: Dataset, n: int = 600):
 
 @torch.no_grad()
 def probe_sigmoid_input(model, data, spec) -> dict:
-    """Inputs to the last hidden layer's nonlinearities on 600 validation images, with batch statistics.
+    """Inputs to the last hidden layer's nonlinearities on (up to) 600 validation images, with batch statistics.
 
     Figure 1(b, c) of the paper: the 15th/50th/85th percentiles over the images of the
     input to one sigmoid (unit 0), plus the median and the 15-85 band width of *every*
-    unit of that layer (for a drift measure that does not hinge on one unit). Computed on
-    a copy in train mode - the distribution the sigmoid sees while training - so running
-    statistics are untouched.
+    unit of that layer (for a drift measure that does not hinge on one unit). Computed in
+    train mode - the distribution the sigmoid sees while training - inside
+    :func:`.train.batch_statistics`, so running statistics are untouched.
     """
     x, _ = _probe_set(data)
-    net = copy.deepcopy(model).train()
-    _, pre = net(x, return_preacts=True)
+    with batch_statistics(model) as net:
+        _, pre = net(x, return_preacts=True)
     z = pre[-1].double().numpy()
     q = np.percentile(z, PERCENTILES, axis=0)  # (3, units)
     out = {f"p{p}": float(q[i, 0]) for i, p in enumerate(PERCENTILES)}
@@ -123,7 +123,7 @@ def probe_grad_norms(model, data, spec, batches: int = 5) -> dict:
 
 
 def probe_batch_stats(model, data, spec) -> dict:
-    """Test accuracy with batch statistics: train mode on a copy, test batches of the training batch size."""
+    """Test accuracy with batch statistics (running statistics untouched), test batches of the training batch size."""
     bs = min(spec["batch_size"], len(data.test_y))
     return {"batch_stats_acc": loss_and_accuracy(model, data.test_x, data.test_y, train_mode=True, batch_size=bs)[1]}
 

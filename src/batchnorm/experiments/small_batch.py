@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import edge_notes, grid_table, tuned_arms
+from .common import edge_notes, tuned_arms, tuning_protocol
 from .models import NORM_LABELS
 from .plotting import COLORS, legend_below, pyplot, save_figure
 from .protocol import paired, pct, stat, verdict
@@ -245,19 +245,17 @@ def section(metrics: dict) -> Section:
         f"({pct(sy['local'])}; one process at batch {y['local_batch']}: {pct(sy['single-' + str(y['local_batch'])])}). "
         f"Learning rate {metrics['sync_lr']:g} (BN's rate at batch {ref}, scaled to the global batch {glob}), "
         f"{y['steps']} steps.",
-    ] + edge_notes({"arms": metrics["arms"]}, {a: a.replace("|", ", ") for a in metrics["arms"]})
+    ] + edge_notes(metrics, {a: a.replace("|", ", ") for a in metrics["arms"]})
     setup = (f"The seeds' ConvNet on the data below in two layouts ({'; '.join(f'{k}: {v}' for k, v in LAYOUT_LABELS.items())}); "
              f"He init; SGD momentum {s['momentum']}; batch sizes {', '.join(map(str, bss))} with lr(B) = lr_{ref} x B / "
              f"{ref}; {s['steps']} steps at every batch size; group norm with {s['groups']} groups, ghost BN with "
              f"virtual batches of {s['ghost_batch']}, batch renorm relaxing r_max 1 -> 3 and d_max 0 -> 5 between 10% "
              f"and 60% / 35% of the run; layer norm over (C, H, W); instance norm with affine parameters. "
              f"SyncBatchNorm: torch.distributed with gloo on 127.0.0.1, {y['world']} processes, data-parallel.")
-    protocol = (f"{len(metrics['seeds'])} seeds per cell; lr_{ref} per layout and normalization from "
-                f"{', '.join(f'{x:g}' for x in s['lrs'])} by the mean validation accuracy over the evaluation points "
-                f"at batch {ref} (tuned on the first {s['tune_seeds'] or len(metrics['seeds'])} seeds), then scaled "
-                "linearly; the test split is only reported. Grid: " +
-                "; ".join(f"{row[0]}: {' '.join(row[1:])}" for row in grid_table(
-                    {"arms": metrics["arms"]}, {a: a.replace("|", ", ") for a in metrics["arms"]})[1]) + " (* chosen).")
+    labels = {a: a.replace("|", ", ") for a in metrics["arms"]}
+    protocol = (tuning_protocol({**metrics, "arms": metrics["arms"]}, labels, s["lrs"], "layout and normalization")
+                + f" Tuned at batch {ref} on the first {s['tune_seeds'] or len(metrics['seeds'])} seeds, then run "
+                f"with all seeds and scaled linearly to the other batch sizes.")
     papers = ["Wu & He (2018), Group Normalization: ResNet-50 on ImageNet, validation error with 32 / 2 images per "
               "GPU: BN 23.6% / 34.7%, GN 24.1% / 24.1% (Figure 1, Table 2); at 32 images per GPU: BN 23.6%, LN 25.3%, "
               "IN 28.4%, GN 24.1% (Table 1). Ioffe (2017), Batch Renormalization: with small or non-i.i.d. "

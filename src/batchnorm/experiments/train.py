@@ -10,9 +10,9 @@ would differ in size between arms).
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
+from contextlib import contextmanager
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -21,8 +21,8 @@ from torch.nn import functional as F
 
 from .data import Dataset
 
-__all__ = ["batch_indices", "eval_steps", "evaluate", "loss_and_accuracy", "param_groups", "progress",
-           "steps_to_reach", "train"]
+__all__ = ["batch_indices", "batch_statistics", "eval_steps", "evaluate", "loss_and_accuracy", "param_groups", "progress",
+           "running_statistics", "steps_to_reach", "train"]
 
 
 def progress(total: int, desc: str, quiet: bool = False):
@@ -57,6 +57,41 @@ def eval_steps(steps: int, every: int, dense_until: int = 0, dense_every: int = 
     return sorted(pts)
 
 
+@contextmanager
+def batch_statistics(model: nn.Module):
+    """``model`` in train mode (normalization over the batch) with every buffer restored on exit.
+
+    Running statistics and step counters are saved before and copied back after, so a
+    forward pass inside changes nothing; gradients are off. The mode is restored too.
+    Example::
+
+        >>> with batch_statistics(net) as m:
+        ...     out = m(x)          # batch statistics of x; net's running stats unchanged
+    """
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    was_training = model.training
+    model.train()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+        model.train(was_training)
+
+
+@contextmanager
+def running_statistics(model: nn.Module):
+    """``model`` in eval mode (normalization with the running statistics), its mode restored on exit."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def loss_and_accuracy(model: nn.Module, x: Tensor, y: Tensor, *, train_mode: bool = False,
                       batch_size: int = 1000) -> tuple[float, float]:
@@ -64,22 +99,17 @@ def loss_and_accuracy(model: nn.Module, x: Tensor, y: Tensor, *, train_mode: boo
 
     ``train_mode=False``: eval mode (running statistics). ``train_mode=True``: batch
     statistics over consecutive batches of ``batch_size`` (a trailing partial batch is
-    dropped), evaluated on a *copy* of the model so its running statistics are not
+    dropped), inside :func:`batch_statistics`, so the running statistics are not
     touched. The model's mode is restored.
     """
-    was_training = model.training
-    net = copy.deepcopy(model) if train_mode else model
-    net.train(train_mode)
-    try:
-        correct, loss = 0, 0.0
-        n = len(y) - len(y) % batch_size if train_mode and len(y) >= batch_size else len(y)
+    n = len(y) - len(y) % batch_size if train_mode and len(y) >= batch_size else len(y)
+    correct, loss = 0, 0.0
+    with batch_statistics(model) if train_mode else running_statistics(model) as net:
         for i in range(0, n, batch_size):
             out = net(x[i:i + batch_size])
             loss += float(F.cross_entropy(out, y[i:i + batch_size], reduction="sum"))
             correct += int((out.argmax(1) == y[i:i + batch_size]).sum())
-        return loss / max(n, 1), correct / max(n, 1)
-    finally:
-        model.train(was_training)
+    return loss / max(n, 1), correct / max(n, 1)
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, train_mode: bool = False, batch_size: int = 1000) -> float:
