@@ -32,7 +32,8 @@ CLAIM = ("Adding BN to a ConvNet makes it reach a given accuracy in fewer steps,
          "(Ioffe & Szegedy 2015, Section 4.2.2, Table 2: BN-Baseline vs Inception).")
 LABELS = {"bn": "with BN (own best rate)", "none": "without BN (own best rate)",
           "bn-at-base": "with BN at the rate of the net without BN (paper's BN-Baseline)",
-          "bn-old": "with BN, old setting (default init, lr 0.05)", "none-old": "without BN, old setting"}
+          "bn-old": "with BN, old setting (PyTorch's default init, one shared rate)",
+          "none-old": "without BN, old setting (PyTorch's default init, one shared rate)"}
 STYLE = {"bn": (COLORS["bn"], "-"), "none": (COLORS["none"], "-"), "bn-at-base": (COLORS["bn"], ":"),
          "bn-old": (COLORS["bn"], "--"), "none-old": (COLORS["none"], "--")}
 

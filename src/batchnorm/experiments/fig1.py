@@ -50,7 +50,7 @@ PAIRS = {"Glorot init": ("bn", "none"), "paper's init": ("bn-paper", "none-paper
 def settings(ctx: Context) -> dict:
     mnist = ctx.data.name == "mnist"
     s = {"hidden": [100, 100, 100], "batch_size": 60, "lrs": [0.1, 0.3, 1.0, 3.0, 10.0],
-         "steps": 5000 if mnist else 3000, "eval_every": 50, "dense_until": 500,
+         "steps": 5000 if mnist else 3000, "eval_every": 50, "dense_until": 300,
          "dense_every": 10, "threshold": 0.9, "checkpoints": [100, 500, 1000]}
     if ctx.fast:
         s.update(steps=60, eval_every=20, dense_until=0, lrs=[0.3, 3.0], checkpoints=[20])

@@ -13,7 +13,8 @@ Each experiment is a module with this interface:
 
 Resuming: every finished training run is saved at once under ``<out>/runs/`` and reused
 by a later call with the same settings; ``metrics.json`` is written last and atomically,
-with a ``fingerprint`` (experiment, seeds, --fast, data hash, version), and a folder whose
+with a ``fingerprint`` (experiment, seeds, --fast, data hash, a hash of the experiment's
+settings, version), and a folder whose
 ``metrics.json`` parses and has the same fingerprint is complete and is reused rather
 than recomputed. So an interrupted ``batchnorm reproduce all`` resumes where it stopped,
 down to the run.
@@ -21,6 +22,7 @@ down to the run.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import platform
@@ -50,7 +52,7 @@ EXPERIMENTS = {
 }
 
 #: bump when an experiment's protocol changes, so old results are not reused
-RESULTS_VERSION = 2
+RESULTS_VERSION = 3
 
 #: seeds per arm by default (the protocol's minimum) and with --fast
 DEFAULT_SEEDS, FAST_SEEDS = 5, 2
@@ -83,8 +85,10 @@ class Context:
 
 
 def _fingerprint(name: str, ctx: Context) -> dict:
+    settings = json.dumps(_module(name).settings(ctx), sort_keys=True, default=str)
     return {"experiment": name, "seeds": list(ctx.seeds), "fast": ctx.fast, "data": ctx.data.fingerprint(),
-            "data_name": ctx.data.name, "version": RESULTS_VERSION}
+            "data_name": ctx.data.name, "version": RESULTS_VERSION,
+            "settings": hashlib.sha256(settings.encode()).hexdigest()[:16]}
 
 
 def load_complete(out_dir, name: str, ctx: Context) -> dict | None:

@@ -51,12 +51,14 @@ CLAIM = ("BN's accuracy falls as the batch shrinks while group norm's (and layer
          "2018; Ioffe 2017).")
 LAYOUTS = {"conv": [], "conv+fc": [128, 64]}
 LAYOUT_LABELS = {"conv": "norm after convolutions only", "conv+fc": "norm after convolutions and hidden Linear layers"}
+#: line style per normalization (ghost BN is dashed: for batches <= its virtual batch it lies on BN's line)
+MARKERS = {"bn": "o-", "renorm": "s-", "ghost": "x--", "group": "^-", "layer": "v-", "instance": "D-"}
 NORMS = {"conv": ["bn", "renorm", "ghost", "group", "layer", "instance"],
          "conv+fc": ["bn", "renorm", "ghost", "group", "layer"]}
 
 
 def settings(ctx: Context) -> dict:
-    s = {"batch_sizes": [2, 4, 8, 32], "ref_batch": 32, "lrs": [0.02, 0.05, 0.1, 0.2], "momentum": 0.9,
+    s = {"batch_sizes": [2, 4, 8, 32], "ref_batch": 32, "lrs": [0.01, 0.02, 0.05, 0.1, 0.2, 0.5], "momentum": 0.9,
          "steps": 1000, "eval_every": 250, "ghost_batch": 8, "groups": 4, "tune_seeds": 2,
          "sync": {"world": 4, "local_batch": 2, "steps": 500, "layout": "conv+fc"}, "norms": NORMS}
     if ctx.fast:
@@ -141,22 +143,20 @@ def plot(metrics: dict, out_dir: Path):
     s = metrics["settings"]
     bss = s["batch_sizes"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), gridspec_kw={"width_ratios": [1, 1, 0.8]})
-    lo = 1.0
     for ax, layout in zip(axes[:2], LAYOUTS):
+        lo = 1.0
         for norm in s["norms"][layout]:
             m = np.array([_acc(metrics, layout, norm, b).mean for b in bss])
             sd = np.array([_acc(metrics, layout, norm, b).std for b in bss])
             lo = min(lo, float((m - sd).min()))
-            ax.plot(bss, m, "o-", color=COLORS[norm], label=NORM_LABELS[norm], ms=4)
-            ax.fill_between(bss, m - sd, m + sd, color=COLORS[norm], alpha=0.15, lw=0)
+            ax.plot(bss, m, MARKERS[norm], color=COLORS[norm], label=NORM_LABELS[norm], ms=5, mfc="none")
+            ax.fill_between(bss, m - sd, m + sd, color=COLORS[norm], alpha=0.12, lw=0)
         ax.set_xscale("log", base=2)
         ax.set_xticks(bss, [str(b) for b in bss])
         ax.minorticks_off()
-        ax.set(xlabel="batch size (per step)", title=LAYOUT_LABELS[layout])
+        ax.set(xlabel="batch size (per step)", title=LAYOUT_LABELS[layout], ylim=(max(0.0, lo - 0.02), 1.0))
         ax.grid(alpha=0.3)
-    for ax in axes[:2]:
-        ax.set_ylim(max(0.0, lo - 0.05), 1.0)
-    axes[0].set_ylabel("test accuracy (eval mode)")
+    axes[0].set_ylabel("test accuracy (eval mode; note the y-ranges differ)")
     y = s["sync"]
     glob = y["world"] * y["local_batch"]
     names = {"sync": f"SyncBatchNorm, {y['world']} processes x {y['local_batch']}",

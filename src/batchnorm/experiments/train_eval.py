@@ -75,7 +75,7 @@ def plot(metrics: dict, out_dir: Path):
     for j, (k, lab, col) in enumerate(kinds):
         axes[0].bar(x + (j - 1) * 0.27, [st[m][k].mean for m in labels], 0.27,
                     yerr=[st[m][k].std for m in labels], color=col, capsize=2, label=lab)
-    axes[0].set_xticks(x, labels)
+    axes[0].set_xticks(x, [lab.replace(" (", "\n(") for lab in labels])
     axes[0].set(xlabel="BN momentum (PyTorch convention: weight of the new batch)", ylabel="test accuracy",
                 ylim=(0, 1.0), title="after training (mean ± std over seeds)")
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(labels)))
@@ -87,8 +87,11 @@ def plot(metrics: dict, out_dir: Path):
         axes[1].plot(steps, m, color=c, label=f"momentum {label}")
         axes[1].fill_between(steps, m - sd, m + sd, color=c, alpha=0.15, lw=0)
     axes[1].axhline(0, color="gray", lw=0.8)
-    axes[1].set(xlabel="training step", ylabel="batch-stats minus running-stats accuracy (points)",
-                yscale="symlog", title="train/eval gap during training")
+    axes[1].set_yscale("symlog", linthresh=1)
+    ticks = [-10, -1, 0, 1, 10, 100]
+    axes[1].set_yticks(ticks, [str(t) for t in ticks])
+    axes[1].set(xlabel="training step", ylabel="batch stats minus eval mode (points)",
+                title="train/eval accuracy gap during training")
     for ax in axes:
         ax.grid(alpha=0.3, axis="y")
     legend_below(fig, axes, ncol=4)
@@ -123,7 +126,9 @@ def section(metrics: dict) -> Section:
     ]
     findings = [
         f"The largest loss from running statistics is at momentum {worst}: eval mode {pct(st[worst]['eval'])} vs "
-        f"{pct(st[worst]['batch'])} with batch statistics; after recalibrate {pct(st[worst]['recal'])}.",
+        f"{pct(st[worst]['batch'])} with batch statistics; after recalibrate {pct(st[worst]['recal'])}. The "
+        "batch-statistics and recalibrated columns are the same for every momentum: training itself normalizes with "
+        "batch statistics, so the momentum changes only the running averages, not the weights.",
         f"Training is short ({s['steps']} steps at lr {s['lr']}), so the weights change fast and lagging running "
         "statistics show; the paper computes population statistics over the training set after training (what "
         "recalibrate does). PyTorch's momentum m is Keras' / TensorFlow's decay 1 - m.",
