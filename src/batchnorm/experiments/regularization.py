@@ -37,7 +37,7 @@ TOL_ACC = 0.005
 
 
 def settings(ctx: Context) -> dict:
-    s = {"hidden": [256, 256], "lrs": [0.03, 0.1, 0.3, 1.0], "batch_size": 60,
+    s = {"hidden": [256, 256], "lrs": [0.03, 0.1, 0.3, 1.0, 3.0], "batch_size": 60,
          "steps": 4000 if ctx.data.name == "mnist" else 2000, "eval_every": 100}
     if ctx.fast:
         s.update(steps=20, eval_every=10, lrs=[0.03, 0.3])

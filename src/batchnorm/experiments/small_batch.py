@@ -58,7 +58,7 @@ NORMS = {"conv": ["bn", "renorm", "ghost", "group", "layer", "instance"],
 
 
 def settings(ctx: Context) -> dict:
-    s = {"batch_sizes": [2, 4, 8, 32], "ref_batch": 32, "lrs": [0.01, 0.02, 0.05, 0.1, 0.2, 0.5], "momentum": 0.9,
+    s = {"batch_sizes": [2, 4, 8, 32], "ref_batch": 32, "lrs": [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5], "momentum": 0.9,
          "steps": 1000, "eval_every": 250, "ghost_batch": 8, "groups": 4, "tune_seeds": 2,
          "sync": {"world": 4, "local_batch": 2, "steps": 500, "layout": "conv+fc"}, "norms": NORMS}
     if ctx.fast:
@@ -156,7 +156,7 @@ def plot(metrics: dict, out_dir: Path):
         ax.minorticks_off()
         ax.set(xlabel="batch size (per step)", title=LAYOUT_LABELS[layout], ylim=(max(0.0, lo - 0.02), 1.0))
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy (eval mode; note the y-ranges differ)")
+    axes[0].set_ylabel("test accuracy (eval mode)")
     y = s["sync"]
     glob = y["world"] * y["local_batch"]
     names = {"sync": f"SyncBatchNorm, {y['world']} processes x {y['local_batch']}",
@@ -177,7 +177,7 @@ def plot(metrics: dict, out_dir: Path):
     return [(save_figure(fig, out_dir / "small_batch.png", bottom=0.17),
              f"Test accuracy (eval mode) against the batch size for each normalization (mean ± std over "
              f"{len(metrics['seeds'])} seeds; linear rate scaling, {s['steps']} steps at every batch size), in the two "
-             f"layouts; right: SyncBatchNorm over {y['world']} gloo processes x {y['local_batch']} images vs local BN "
+             f"layouts (note the different y-ranges); right: SyncBatchNorm over {y['world']} gloo processes x {y['local_batch']} images vs local BN "
              f"on the same processes and single-process BN ({y['steps']} steps; dots = seeds).")]
 
 
