@@ -64,6 +64,11 @@ def run(ctx: Context) -> dict:
                 "batch_size": s["batch_size"], "steps": s["steps"], "evals": evals, "probes": ["sigmoid_input"]}
             for a, (norm, init) in ARMS.items()}
     res = tuned_arms(ctx, arms, s["lrs"], desc="fig1 runs")
+    for a in ARMS:  # keep the drift summary, not every unit's percentiles at every step (megabytes of JSON)
+        for h in res[a]["runs"]:
+            if "unit_median" in h:
+                h["median_drift"], h["band_drift"] = drift(h)
+                del h["unit_median"], h["unit_band"]
     rows = [[a, res[a]["lr"], seed, st, va, ta, lo, p15, p50, p85]
             for a in ARMS for seed, h in zip(ctx.seeds, res[a]["runs"])
             for st, va, ta, lo, p15, p50, p85 in zip(h["step"], h["val_acc"], h["test_acc"], h["train_loss"],
@@ -126,9 +131,9 @@ def section(metrics: dict) -> Section:
         d = paired([h["test_acc"][-1] for h in arms[bn]["runs"]], [h["test_acc"][-1] for h in arms[none]["runs"]])
         gain[setting] = d
         shown_gain.append(d.lo > 0)
-        dm = paired([drift(h)[0] for h in arms[none]["runs"]], [drift(h)[0] for h in arms[bn]["runs"]])
-        stable[setting] = (dm, stat([drift(h)[0] for h in arms[none]["runs"]]),
-                           stat([drift(h)[0] for h in arms[bn]["runs"]]))
+        dm = paired([h["median_drift"] for h in arms[none]["runs"]], [h["median_drift"] for h in arms[bn]["runs"]])
+        stable[setting] = (dm, stat([h["median_drift"] for h in arms[none]["runs"]]),
+                           stat([h["median_drift"] for h in arms[bn]["runs"]]))
         shown_stable.append(dm.lo > 0)
 
     n = len(metrics["seeds"])
@@ -151,8 +156,8 @@ def section(metrics: dict) -> Section:
         "Stability is measured on all 100 units of the last hidden layer: for each unit, the range over training of "
         "the median of its input (and of its 15-85% band width), averaged over units; per seed, without BN minus "
         "with BN. Band-width drift: " + "; ".join(
-            f"{k}: {stat([drift(h)[1] for h in arms[PAIRS[k][1]]['runs']]).fmt(1, 2)} without vs "
-            f"{stat([drift(h)[1] for h in arms[PAIRS[k][0]]['runs']]).fmt(1, 2)} with BN" for k in PAIRS) + ".",
+            f"{k}: {stat([h['band_drift'] for h in arms[PAIRS[k][1]]['runs']]).fmt(1, 2)} without vs "
+            f"{stat([h['band_drift'] for h in arms[PAIRS[k][0]]['runs']]).fmt(1, 2)} with BN" for k in PAIRS) + ".",
         f"Final accuracy after {budget} steps, BN minus no BN: " + "; ".join(
             f"{k}: {d.fmt(100, 2)} points (95% CI {100 * d.lo:+.2f} to {100 * d.hi:+.2f})" for k, d in gain.items())
         + ". With the paper's N(0, 0.01²) init the network without BN first sits on a long plateau at chance - "
