@@ -236,8 +236,9 @@ def section(metrics: dict) -> Section:
         f"fixed epochs at one rate; with linear scaling and a fixed step budget BN at batch 2 reaches "
         f"{pct(_acc(metrics, 'conv+fc', 'bn', small))} there vs GN {pct(_acc(metrics, 'conv+fc', 'group', small))}.",
         f"Ghost BN normalizes over virtual batches of min({s['ghost_batch']}, batch), so for batches <= "
-        f"{s['ghost_batch']} it is plain BN (its cells there match BN's up to rounding); it targets large-batch "
-        "generalization (Hoffer et al. 2017), not small batches.",
+        f"{s['ghost_batch']} it computes exactly BN (tested); its cells there differ from BN's only because its "
+        f"rate, tuned at batch {ref} where the two do differ, is another. It targets large-batch generalization "
+        "(Hoffer et al. 2017), not small batches.",
         f"SyncBatchNorm: {y['world']} processes x {y['local_batch']} images compute each BN layer's statistics over "
         f"all {glob} images (exact merge of the per-process moments); it matches one process at batch {glob} "
         f"(paired {d_single.fmt(100, 2)} points - the same computation up to float rounding, amplified by training) "
