@@ -1,14 +1,17 @@
-"""`batchnorm reproduce`: every experiment with --fast writes its files; resume; reproducibility; errors."""
+"""`batchnorm reproduce`: every experiment with --fast writes its files and a report that opens with the claims;
+resume run by run; reproducibility across seeds and worker counts; errors."""
 
 from __future__ import annotations
 
 import base64
 import csv
 import json
+import os
 import re
 
 import pytest
 
+from batchnorm._io import atomic_write
 from batchnorm.cli import main
 from batchnorm.experiments import runner
 from batchnorm.experiments.runner import EXPERIMENTS
@@ -17,11 +20,14 @@ FIGURES = {
     "fig1": ["fig1_accuracy.png", "fig1_sigmoid_input.png"],
     "learning-rate": ["learning_rate.png"],
     "init-scale": ["init_scale_curves.png", "init_scale_outputs.png"],
+    "bias": ["bias.png"],
     "depth": ["depth.png"],
-    "small-batch": ["small_batch.png"],
     "convnet": ["convnet.png"],
+    "regularization": ["regularization.png"],
+    "small-batch": ["small_batch.png"],
     "train-eval": ["train_eval.png"],
 }
+VERDICTS = {"reproduced", "partly", "not reproduced"}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +38,7 @@ def all_fast(tmp_path_factory):
 
 
 def _strip(metrics):
-    return {k: v for k, v in metrics.items() if k != "elapsed_s"}
+    return {k: v for k, v in metrics.items() if k not in ("elapsed_s", "machine")}
 
 
 def test_every_experiment_writes_metrics_csv_figures_report(all_fast):
@@ -41,6 +47,7 @@ def test_every_experiment_writes_metrics_csv_figures_report(all_fast):
         d = all_fast / name
         metrics = json.loads((d / "metrics.json").read_text())
         assert metrics["fingerprint"]["experiment"] == name and metrics["fingerprint"]["fast"] is True
+        assert metrics["fingerprint"]["seeds"] == [0, 1]
         for table, spec in metrics["tables"].items():
             with open(d / f"{table}.csv") as f:
                 rows = list(csv.reader(f))
@@ -48,7 +55,7 @@ def test_every_experiment_writes_metrics_csv_figures_report(all_fast):
         for png in FIGURES[name]:
             assert (d / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{name}/{png}"
         md = (d / "report.md").read_text()
-        assert md.count("|---|") >= 1 and all(f"]({png})" in md for png in FIGURES[name])
+        assert md.count("|---|") >= 2 and all(f"]({png})" in md for png in FIGURES[name])
         page = (d / "report.html").read_text()
         imgs = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
         assert len(imgs) == len(FIGURES[name]) and all(base64.b64decode(i)[:4] == b"\x89PNG" for i in imgs)
@@ -60,55 +67,84 @@ def test_every_experiment_writes_metrics_csv_figures_report(all_fast):
     assert not list(all_fast.rglob("*.tmp")), "temporary files left behind"
 
 
-def test_resume_skips_complete_and_redoes_partial(all_fast, monkeypatch):
+def test_report_opens_with_headline_verdicts_and_contents(all_fast):
+    md = (all_fast / "report.md").read_text()
+    head, contents, first = md.index("## Headline"), md.index("## Contents"), md.index("## fig1")
+    assert head < contents < first
+    table = md[head:contents]
+    rows = [r for r in table.splitlines() if r.startswith("| ") and not r.startswith("| experiment")]
+    assert {r.split(" | ")[0][2:] for r in rows} == set(EXPERIMENTS)  # every experiment has a claim row
+    assert all(r.rstrip(" |").rsplit(" | ", 1)[1] in VERDICTS for r in rows)
+    assert "**Verdict rule.**" in table and "±" in table
+    for name in EXPERIMENTS:
+        assert f"](#{name})" in md[contents:first]
+    page = (all_fast / "report.html").read_text()
+    h, c, s = page.index("id='headline'"), page.index("id='contents'"), page.index("id='fig1'")
+    assert h < c < s and page.count("<td class='") == len(rows)
+    assert all(f"href='#{name}'" in page for name in EXPERIMENTS)
+
+
+def test_every_section_quotes_the_papers_and_states_its_protocol(all_fast):
+    for name in EXPERIMENTS:
+        md = (all_fast / name / "report.md").read_text()
+        assert "**The papers' numbers.**" in md and "**Protocol.**" in md and "seeds" in md, name
+
+
+def test_experiments_do_not_change_file_permissions(all_fast):
+    """Modes come from batchnorm._io.atomic_write alone (the user's umask once that is fixed there)."""
+    atomic_write(all_fast / "probe.bin", b"x")
+    expected = (all_fast / "probe.bin").stat().st_mode & 0o777
+    for path in all_fast.rglob("*"):
+        if path.is_file():
+            assert path.stat().st_mode & 0o777 == expected, path
+    (all_fast / "probe.bin").unlink()
+
+
+def test_resume_reuses_complete_experiments_and_finished_runs(all_fast):
     before = {n: (all_fast / n / "metrics.json").read_bytes() for n in EXPERIMENTS}
-    # an interrupted run: depth's metrics.json truncated mid-write, convnet's never written
+    # an interrupted run: depth's metrics.json truncated mid-write and two of its runs lost,
+    # convnet's metrics.json never written
     (all_fast / "depth" / "metrics.json").write_bytes(before["depth"][:100])
+    runs = sorted((all_fast / "depth" / "runs").glob("*.json"))
+    lost = {p.name for p in runs[:2]}
+    for p in runs[:2]:
+        p.unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in runs[2:]}
     (all_fast / "convnet" / "metrics.json").unlink()
-    ran = []
-    import importlib
-
-    for name, modname in EXPERIMENTS.items():
-        mod = importlib.import_module(modname)
-        orig = mod.run
-
-        def spy(ctx, _orig=orig, _name=name):
-            ran.append(_name)
-            return _orig(ctx)
-
-        monkeypatch.setattr(mod, "run", spy)
     assert main(["reproduce", "all", "--fast", "--quiet", "--out", str(all_fast)]) == 0
-    assert ran == ["depth", "convnet"]
+    after = {p.name: p.stat().st_mtime_ns for p in (all_fast / "depth" / "runs").glob("*.json")}
+    assert set(after) == set(kept) | lost  # exactly the lost runs were recomputed
+    assert all(after[k] == t for k, t in kept.items())
     for n in EXPERIMENTS:
-        after = json.loads((all_fast / n / "metrics.json").read_text())
-        if n not in ran:
+        now = json.loads((all_fast / n / "metrics.json").read_text())
+        if n in ("depth", "convnet"):  # recomputed from the same seeds: the same numbers
+            assert _strip(now) == _strip(json.loads(before[n]))
+        else:
             assert (all_fast / n / "metrics.json").read_bytes() == before[n]
-        else:  # recomputed with the same seed: the same numbers
-            assert _strip(after) == _strip(json.loads(before[n]))
-    # another seed is not "complete" for these settings
-    assert runner.load_complete(all_fast / "fig1", "fig1",
-                                runner.Context(data=_fast_data(), seed=1, fast=True)) is None
-    assert runner.load_complete(all_fast / "fig1", "fig1",
-                                runner.Context(data=_fast_data(), seed=0, fast=True)) is not None
+    # other seeds are not "complete" for these settings
+    data = _fast_data()
+    assert runner.load_complete(all_fast / "fig1", "fig1", runner.Context(data=data, seeds=[1, 2], fast=True)) is None
+    assert runner.load_complete(all_fast / "fig1", "fig1", runner.Context(data=data, seeds=[0, 1], fast=True))
 
 
 def _fast_data():
     from batchnorm.experiments.data import load_digits
 
-    return load_digits().subset(300, 200)
+    return load_digits().subset(300, 100, 200)
 
 
-def test_same_seed_same_numbers_other_seed_differs(tmp_path):
+def test_same_seeds_same_numbers_whatever_the_workers_other_seeds_differ(tmp_path):
     outs = []
-    for i, seed in enumerate(("0", "0", "3")):
+    for i, (seed, workers) in enumerate((("0", "1"), ("0", "2"), ("3", "2"))):
         out = tmp_path / str(i)
-        assert main(["reproduce", "convnet", "--fast", "--quiet", "--seed", seed, "--out", str(out)]) == 0
+        assert main(["reproduce", "depth", "--fast", "--quiet", "--seed", seed, "--workers", workers,
+                     "--out", str(out)]) == 0
         outs.append(_strip(json.loads((out / "metrics.json").read_text())))
     assert outs[0] == outs[1]
-    assert outs[0]["curves"] != outs[2]["curves"]
+    assert outs[0]["arms"] != outs[2]["arms"]
 
 
-def test_bad_data_dir_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
+def test_bad_arguments_and_data_are_clear_errors_that_write_nothing(tmp_path, capsys):
     import numpy as np
 
     from batchnorm.experiments.data import write_idx
@@ -122,9 +158,13 @@ def test_bad_data_dir_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["reproduce", "fig1", "--data-dir", str(data), "--out", str(out), "--quiet"]) == 2
     assert str(p) in capsys.readouterr().err
-    assert not out.exists()
     assert main(["reproduce", "fig1", "--download", "--out", str(out)]) == 2
     assert "--download needs --data-dir" in capsys.readouterr().err
+    assert main(["reproduce", "fig1", "--seeds", "1", "--out", str(out)]) == 2
+    assert "--seeds must be at least 2" in capsys.readouterr().err
+    assert main(["reproduce", "fig1", "--workers", "0", "--out", str(out)]) == 2
+    assert "--workers must be at least 1" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_runs_on_mnist_idx_files(tmp_path):
@@ -143,6 +183,7 @@ def test_runs_on_mnist_idx_files(tmp_path):
     assert main(["reproduce", "convnet", "--fast", "--quiet", "--data-dir", str(data), "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["fingerprint"]["data_name"] == "mnist" and "16x16" in m["data_description"]
+    assert m["settings"]["threshold"] == 0.97
 
 
 def test_unknown_experiment_is_rejected():
@@ -150,3 +191,7 @@ def test_unknown_experiment_is_rejected():
         main(["reproduce", "nope"])
     with pytest.raises(ValueError, match="unknown experiment 'nope'"):
         runner.run_experiment("nope", "x", runner.Context(data=None))
+
+
+def test_default_workers_is_the_cpus_available():
+    assert runner.default_workers() == len(os.sched_getaffinity(0))

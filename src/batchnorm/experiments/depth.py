@@ -6,119 +6,120 @@ first layers barely learn (vanishing gradients). BN rescales each layer's input 
 unit variance, so :math:`\sigma'(z)` stays near its maximum and the Jacobian of
 ``BN(Wu)`` with respect to ``u`` is scale-free, which keeps the per-layer gradient
 norms of the same order. Measured: the Frobenius norm of each hidden weight matrix's
-gradient, averaged over a few fixed training batches, at initialisation and at
-checkpoints during training, for the same deep net with and without BN.
+gradient, averaged over 5 fixed training batches, at initialisation and during
+training, and the test accuracy, for the same deep net (Glorot init, the standard for
+sigmoid) with and without BN, each at its own best learning rate.
+
+The paper's large-scale version of this claim is BN-x5-Sigmoid: Inception with
+sigmoid units trains with BN (69.8%) and not without it (never above 0.1%).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.nn import functional as F
 
-from .models import MLP
-from .plotting import ARM_STYLE, pyplot, save_figure
-from .report import Section
+from .common import band, edge_notes, final, tuned_arms, tuning_protocol
+from .plotting import COLORS, legend_below, pyplot, save_figure
+from .protocol import paired, pct, stat, verdict
+from .report import Claim, Section
 from .runner import Context
-from .train import train
+from .train import eval_steps
 
 TITLE = "depth: gradient norms per layer in a deep sigmoid MLP"
-CLAIM = ("In a deep sigmoid network without BN the gradients vanish towards the first layers; BN keeps "
-         "them of the same order in every layer (paper, Sections 1 and 3.3).")
+CLAIM = ("In a deep sigmoid network without BN the gradients vanish towards the first layers and it does not "
+         "train; BN keeps them of the same order in every layer and the network trains (Ioffe & Szegedy 2015, "
+         "Sections 1, 3.3 and 4.2.2: BN-x5-Sigmoid).")
 ARMS = ("bn", "none")
+LABELS = {"bn": "with BN", "none": "without BN"}
 
 
 def settings(ctx: Context) -> dict:
-    s = {"depth": 15, "width": 64, "lr": 0.5, "batch_size": 60, "steps": 2000, "eval_every": 250,
-         "probe_batches": 5}
+    s = {"depth": 15, "width": 64, "lrs": [0.03, 0.1, 0.3, 1.0, 3.0, 10.0], "batch_size": 60,
+         "steps": 2000 if ctx.data.name == "mnist" else 1000, "probe_every": 100}
     if ctx.fast:
-        s.update(depth=6, steps=20, eval_every=10, probe_batches=2)
+        s.update(depth=6, steps=20, probe_every=10, lrs=[0.3, 3.0])
     return s
 
 
-def grad_norms(model: MLP, x: torch.Tensor, y: torch.Tensor, batch_size: int, batches: int) -> list[float]:
-    """Mean over ``batches`` consecutive batches of ``||dL/dW_l||_F`` for every hidden layer ``l`` (train mode).
-
-    Runs on a copy's gradients only: parameters, running statistics and ``.grad`` of
-    ``model`` are left as they were (running statistics are saved and restored).
-    """
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
-    was_training = model.training
-    model.train()
-    total = np.zeros(len(model.linears))
-    try:
-        for b in range(batches):
-            sl = slice(b * batch_size, (b + 1) * batch_size)
-            weights = [lin.weight for lin in model.linears]
-            loss = F.cross_entropy(model(x[sl]), y[sl])
-            grads = torch.autograd.grad(loss, weights)
-            total += np.array([float(torch.linalg.norm(g)) for g in grads])
-    finally:
-        model.load_state_dict(saved)
-        model.train(was_training)
-    return (total / batches).tolist()
-
-
 def run(ctx: Context) -> dict:
-    s, data = settings(ctx), ctx.data
-    curves = {}
-    for arm in ARMS:
-        torch.manual_seed(ctx.seed)
-        net = MLP(data.num_inputs, [s["width"]] * s["depth"], data.num_classes, norm=arm)
+    s = settings(ctx)
+    evals = eval_steps(s["steps"], s["probe_every"])
+    arms = {a: {"model": {"kind": "mlp", "hidden": [s["width"]] * s["depth"], "norm": a, "activation": "sigmoid",
+                          "init": "glorot"},
+                "batch_size": s["batch_size"], "steps": s["steps"], "evals": evals, "probes": ["grad_norms"]}
+            for a in ARMS}
+    res = tuned_arms(ctx, arms, s["lrs"], desc="depth runs")
+    rows = [[a, seed, st, layer + 1, g] for a in ARMS for seed, h in zip(ctx.seeds, res[a]["runs"])
+            for st, gs in zip(h["step"], h["grad_norms"]) for layer, g in enumerate(gs)]
+    return {"settings": s, "seeds": list(ctx.seeds), "arms": res,
+            "tables": {"grad_norms": {"columns": ["arm", "seed", "step", "layer", "grad_norm"], "rows": rows}}}
 
-        def probe(model, step):
-            return {"grad_norms": grad_norms(model, data.train_x, data.train_y, s["batch_size"], s["probe_batches"])}
 
-        curves[arm] = train(net, data, steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], seed=ctx.seed,
-                            eval_every=s["eval_every"], on_eval=probe, desc=f"depth {arm}", quiet=ctx.quiet)
-    rows = [[arm, st, layer + 1, g] for arm, h in curves.items() for st, gs in zip(h["step"], h["grad_norms"])
-            for layer, g in enumerate(gs)]
-    acc_rows = [[arm, st, a] for arm, h in curves.items() for st, a in zip(h["step"], h["test_acc"])]
-    return {"settings": s, "curves": curves,
-            "tables": {"grad_norms": {"columns": ["arm", "step", "layer", "grad_norm"], "rows": rows},
-                       "accuracy": {"columns": ["arm", "step", "test_acc"], "rows": acc_rows}}}
+def _log_ratio(h: dict, idx: int) -> float:
+    """log10 of (first hidden layer's gradient norm / last hidden layer's) at evaluation point ``idx``."""
+    g = h["grad_norms"][idx]
+    return math.log10(max(g[0], 1e-300) / max(g[-1], 1e-300))
 
 
 def plot(metrics: dict, out_dir: Path):
     plt = pyplot()
-    curves = metrics["curves"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, idx, title in ((axes[0], 0, "at initialisation"), (axes[1], -1, "at the end of training")):
-        for arm in ARMS:
-            g = curves[arm]["grad_norms"][idx]
-            ax.plot(range(1, len(g) + 1), g, "o-", ms=3, **ARM_STYLE[arm])
-        ax.set(yscale="log", xlabel="hidden layer (1 = next to the input)", ylabel="||dL/dW|| (mean of batches)",
+    arms, s = metrics["arms"], metrics["settings"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, idx, title in ((axes[0], 0, "at initialisation"), (axes[1], -1, "after training")):
+        for a in ARMS:
+            g = np.log10(np.array([h["grad_norms"][idx] for h in arms[a]["runs"]]))
+            layers = np.arange(1, g.shape[1] + 1)
+            m, sd = g.mean(0), g.std(0, ddof=1) if len(g) > 1 else np.zeros(g.shape[1])
+            ax.plot(layers, 10 ** m, "o-", ms=3, color=COLORS[a], label=f"{LABELS[a]} (lr {arms[a]['lr']:g})")
+            ax.fill_between(layers, 10 ** (m - sd), 10 ** (m + sd), color=COLORS[a], alpha=0.18, lw=0)
+        ax.set(yscale="log", xlabel="hidden layer (1 = next to the input)", ylabel="||dL/dW|| (mean of 5 batches)",
                title=f"gradient norm per layer, {title}")
-        ax.legend()
-    for arm in ARMS:
-        axes[2].plot(curves[arm]["step"], curves[arm]["test_acc"], **ARM_STYLE[arm])
+        ax.grid(alpha=0.3)
+    for a in ARMS:
+        band(axes[2], arms[a]["runs"], color=COLORS[a], label=f"{LABELS[a]} (lr {arms[a]['lr']:g})")
     axes[2].set(xlabel="training step", ylabel="test accuracy (eval mode)", ylim=(0, 1), title="test accuracy")
-    axes[2].legend()
-    return [(save_figure(fig, out_dir / "depth.png"),
-             f"{metrics['settings']['depth']}-layer sigmoid MLP: per-layer weight-gradient norms at initialisation and "
-             "after training, and test accuracy.")]
+    axes[2].grid(alpha=0.3)
+    legend_below(fig, axes, ncol=2)
+    return [(save_figure(fig, out_dir / "depth.png", bottom=0.1),
+             f"{s['depth']}-layer sigmoid MLP: per-layer weight-gradient norms (geometric mean and ±1 std over "
+             f"{len(metrics['seeds'])} seeds) at initialisation and after training, and test accuracy.")]
 
 
 def section(metrics: dict) -> Section:
-    s, curves = metrics["settings"], metrics["curves"]
-
-    def ratio(arm, idx):
-        g = curves[arm]["grad_norms"][idx]
-        return g[0] / g[-1]
-
-    rows = [["first/last layer gradient norm at init", ratio("bn", 0), ratio("none", 0)],
-            ["first/last layer gradient norm at the end", ratio("bn", -1), ratio("none", -1)],
-            ["final test accuracy", f"{curves['bn']['test_acc'][-1]:.1%}", f"{curves['none']['test_acc'][-1]:.1%}"]]
-    findings = [
-        f"Measured: at initialisation the first hidden layer's gradient is {ratio('none', 0):.1e} times the last's "
-        f"without BN and {ratio('bn', 0):.2g} times with BN; after {s['steps']} steps the ratios are "
-        f"{ratio('none', -1):.1e} and {ratio('bn', -1):.2g}.",
-        "The paper argues this qualitatively (sigmoid saturation, Section 1) and does not show per-layer gradients; "
-        "the network here (depth, width, PyTorch's default init) is this project's choice, identical in both arms.",
+    s, arms = metrics["settings"], metrics["arms"]
+    lr_init = {a: stat([_log_ratio(h, 0) for h in arms[a]["runs"]]) for a in ARMS}
+    lr_end = {a: stat([_log_ratio(h, -1) for h in arms[a]["runs"]]) for a in ARMS}
+    acc = {a: final(arms[a]["runs"]) for a in ARMS}
+    d_grad = paired(lr_init["bn"].values, lr_init["none"].values)
+    d_acc = paired(acc["bn"].values, acc["none"].values)
+    rows = [["learning rate (own best)", *(f"{arms[a]['lr']:g}" for a in ARMS)],
+            ["log10(first / last layer gradient norm) at init", *(lr_init[a].fmt(1, 2) for a in ARMS)],
+            ["log10(first / last layer gradient norm) at the end", *(lr_end[a].fmt(1, 2) for a in ARMS)],
+            [f"test accuracy after {s['steps']} steps", *(pct(acc[a]) for a in ARMS)]]
+    claims = [
+        Claim("without BN the gradients vanish towards the first layers; with BN they do not",
+              f"first/last layer gradient norm at init: 10^({lr_init['none'].fmt(1, 1)}) without vs "
+              f"10^({lr_init['bn'].fmt(1, 2)}) with BN", "argued in Sections 1 and 3.3 (no measurements)",
+              verdict([d_grad.lo > 0])),
+        Claim("a deep sigmoid network trains with BN and not without",
+              f"{pct(acc['bn'])} with vs {pct(acc['none'])} without BN (paired {d_acc.fmt(100, 1)} points)",
+              "BN-x5-Sigmoid 69.8% top-1; Inception with sigmoids never above 0.1%", verdict([d_acc.lo > 0])),
     ]
-    setup = (f"MLP with {s['depth']} hidden layers of {s['width']} sigmoid units, PyTorch's default init, SGD lr "
-             f"{s['lr']}, batch {s['batch_size']}, {s['steps']} steps; gradient norms averaged over "
-             f"{s['probe_batches']} fixed training batches every {s['eval_every']} steps.")
-    return Section("depth", TITLE, CLAIM, setup, (["", "with BN", "without BN"], rows), findings)
+    findings = [
+        f"Without BN the gradient norm falls by a factor of about {10 ** (-lr_init['none'].mean / (s['depth'] - 1)):.1f} "
+        "per layer towards the input (a straight line on the log plot), consistent with sigma' <= 1/4 per sigmoid; "
+        "with BN the per-layer norms stay within an order of magnitude.",
+        "The paper argues the vanishing-gradient mechanism qualitatively and shows the consequence on Inception with "
+        "sigmoids; the network here (depth, width) is this project's choice, identical in both arms.",
+    ] + edge_notes(metrics, LABELS)
+    setup = (f"MLP with {s['depth']} hidden layers of {s['width']} sigmoid units, Glorot init, SGD, batch "
+             f"{s['batch_size']}, {s['steps']} steps; accuracy and the gradient norms (averaged over 5 fixed training "
+             f"batches) every {s['probe_every']} steps.")
+    protocol = tuning_protocol(metrics, LABELS, s["lrs"])
+    papers = ["Ioffe & Szegedy (2015), Section 4.2.2: BN-x5-Sigmoid (Inception with sigmoid units and BN) reaches "
+              "69.8% top-1 accuracy; without BN, Inception with sigmoid units never exceeds 0.1% (1/1000, chance)."]
+    return Section("depth", TITLE, CLAIM, setup, (["", *(LABELS[a] for a in ARMS)], rows), findings, claims=claims,
+                   protocol=protocol, papers=papers)

@@ -3,33 +3,38 @@
 Each experiment is a module with this interface:
 
 * ``TITLE``, ``CLAIM`` - strings for the report;
-* ``run(ctx: Context) -> dict`` - train and measure; returns JSON-serialisable metrics
-  with a ``"tables"`` entry ``{name: {"columns": [...], "rows": [[...], ...]}}`` that
-  is also written as ``<name>.csv``;
+* ``run(ctx: Context) -> dict`` - train and measure (its training runs go through
+  :meth:`Context.execute`, which runs them on ``ctx.workers`` processes and caches each
+  one); returns JSON-serialisable metrics with a ``"tables"`` entry
+  ``{name: {"columns": [...], "rows": [[...], ...]}}`` that is also written as ``<name>.csv``;
 * ``plot(metrics: dict, out_dir: Path) -> list[(png name, caption)]`` - figures drawn
   only from the metrics *as read back from* ``metrics.json``;
-* ``section(metrics: dict) -> Section`` - headline table and findings.
+* ``section(metrics: dict) -> Section`` - headline claims, table and findings.
 
-``metrics.json`` is written last and atomically, with a ``fingerprint`` (experiment,
-seed, --fast, data hash, version). A folder whose ``metrics.json`` parses and has the
-same fingerprint is complete and is reused rather than recomputed; anything else
-(missing, truncated, other settings) is recomputed. This is how an interrupted
-``batchnorm reproduce all`` resumes.
+Resuming: every finished training run is saved at once under ``<out>/runs/`` and reused
+by a later call with the same settings; ``metrics.json`` is written last and atomically,
+with a ``fingerprint`` (experiment, seeds, --fast, data hash, a hash of the experiment's
+settings, version), and a folder whose
+``metrics.json`` parses and has the same fingerprint is complete and is reused rather
+than recomputed. So an interrupted ``batchnorm reproduce all`` resumes where it stopped,
+down to the run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .data import Dataset
 from .report import Section, read_json, write_csv, write_json, write_report
+from .sweep import default_workers, execute
 
 __all__ = ["EXPERIMENTS", "Context", "load_complete", "run_experiment", "run_many"]
 
@@ -38,29 +43,52 @@ EXPERIMENTS = {
     "fig1": "batchnorm.experiments.fig1",
     "learning-rate": "batchnorm.experiments.learning_rate",
     "init-scale": "batchnorm.experiments.init_scale",
+    "bias": "batchnorm.experiments.bias",
     "depth": "batchnorm.experiments.depth",
-    "small-batch": "batchnorm.experiments.small_batch",
     "convnet": "batchnorm.experiments.convnet",
+    "regularization": "batchnorm.experiments.regularization",
+    "small-batch": "batchnorm.experiments.small_batch",
     "train-eval": "batchnorm.experiments.train_eval",
 }
 
 #: bump when an experiment's protocol changes, so old results are not reused
-RESULTS_VERSION = 1
+RESULTS_VERSION = 3
+
+#: seeds per arm by default (the protocol's minimum) and with --fast
+DEFAULT_SEEDS, FAST_SEEDS = 5, 2
 
 
 @dataclass
 class Context:
-    """What every experiment gets: the data, the seed, ``fast`` (tiny settings for tests), ``quiet``."""
+    """What every experiment gets: the data, the seeds, ``fast`` (tiny settings for tests), ``quiet``, workers.
+
+    ``cache_dir`` (set by :func:`run_experiment`) holds one JSON file per finished
+    training run; ``reuse=False`` (``--force``) recomputes them.
+    """
 
     data: Dataset
-    seed: int = 0
+    seeds: list = field(default_factory=lambda: list(range(DEFAULT_SEEDS)))
     fast: bool = False
     quiet: bool = False
+    workers: int = 1
+    cache_dir: Path | None = None
+    reuse: bool = True
+
+    def execute(self, fn, runs, desc: str = "runs", workers: int | None = None) -> list[dict]:
+        """Results of ``fn(spec, seed, data)`` for ``runs = [(spec, seed), ...]`` (see :func:`.sweep.execute`).
+
+        ``workers`` overrides ``self.workers`` (1 for run functions that start their own processes).
+        """
+        return execute(fn, runs, self.data, self.cache_dir if self.reuse else None,
+                       workers=self.workers if workers is None else workers, quiet=self.quiet, desc=desc,
+                       cache_write=self.cache_dir)
 
 
 def _fingerprint(name: str, ctx: Context) -> dict:
-    return {"experiment": name, "seed": ctx.seed, "fast": ctx.fast, "data": ctx.data.fingerprint(),
-            "data_name": ctx.data.name, "version": RESULTS_VERSION}
+    settings = json.dumps(_module(name).settings(ctx), sort_keys=True, default=str)
+    return {"experiment": name, "seeds": list(ctx.seeds), "fast": ctx.fast, "data": ctx.data.fingerprint(),
+            "data_name": ctx.data.name, "version": RESULTS_VERSION,
+            "settings": hashlib.sha256(settings.encode()).hexdigest()[:16]}
 
 
 def load_complete(out_dir, name: str, ctx: Context) -> dict | None:
@@ -92,7 +120,7 @@ def run_experiment(name: str, out_dir, ctx: Context, *, force: bool = False) -> 
     saved = None if force else load_complete(out_dir, name, ctx)
     reused = saved is not None
     if not reused:
-        torch.manual_seed(ctx.seed)
+        ctx = Context(ctx.data, list(ctx.seeds), ctx.fast, ctx.quiet, ctx.workers, out_dir / "runs", not force)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # tiny ops: one thread is faster, immune to a busy CPU, and deterministic
         try:
@@ -102,8 +130,8 @@ def run_experiment(name: str, out_dir, ctx: Context, *, force: bool = False) -> 
         finally:
             torch.set_num_threads(threads)
         metrics["fingerprint"] = _fingerprint(name, ctx)
-        metrics["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip() + \
-            f", torch {torch.__version__}, 1 thread"
+        metrics["machine"] = (f"{platform.machine()} {platform.processor() or ''}".strip()
+                              + f", torch {torch.__version__}, 1 thread per run, {ctx.workers} worker process(es)")
         metrics["data_description"] = ctx.data.describe()
         json.dumps(metrics, allow_nan=True)  # fail before writing anything if not serialisable
         for table, spec in metrics.get("tables", {}).items():
@@ -121,8 +149,11 @@ def run_experiment(name: str, out_dir, ctx: Context, *, force: bool = False) -> 
 
 def _preamble(metrics: dict) -> list[str]:
     fp = metrics["fingerprint"]
-    return [f"Data: {metrics['data_description']}. Seed {fp['seed']}{', --fast (tiny settings)' if fp['fast'] else ''}. "
-            f"Measured on {metrics['machine']}. Same seed and machine give the same numbers."]
+    seeds = fp["seeds"]
+    seed_txt = f"seeds {seeds[0]}-{seeds[-1]} ({len(seeds)} per arm)" if len(seeds) > 1 else f"seed {seeds[0]}"
+    return [f"Data: {metrics['data_description']}. {seed_txt[0].upper() + seed_txt[1:]}"
+            f"{'; --fast (tiny settings, not for conclusions)' if fp['fast'] else ''}. "
+            f"Measured on {metrics['machine']}. The same seeds on the same machine give the same numbers."]
 
 
 def run_many(names, out_root, ctx: Context, *, force: bool = False, log=print) -> list[Section]:
@@ -137,6 +168,9 @@ def run_many(names, out_root, ctx: Context, *, force: bool = False, log=print) -
         sections.append(sec.prefixed(name))
     pre = _preamble(read_json(out_root / names[0] / "metrics.json"))
     total = sum(s.elapsed_s for s in sections)
-    pre.append(f"Total compute time of the experiments: {total:.0f} s (sum of each experiment's own run time).")
+    pre.append(f"Total compute time of the experiments: {total:.0f} s (sum of each experiment's own wall time).")
     write_report(out_root, "batchnorm reproduce all", pre, sections)
     return sections
+
+
+__all__ += ["DEFAULT_SEEDS", "FAST_SEEDS", "default_workers"]
