@@ -20,8 +20,9 @@ and timm's ``FrozenBatchNorm2d``/``FrozenBatchNormAct2d``). Instance, group and 
 
 - ``extras``: what follows the normalization, in order. A module built like timm's
   ``BatchNormAct2d`` (dropout in ``.drop``, activation in ``.act``; ``apply_act=False`` makes
-  ``.act`` an ``nn.Identity``) has ``(("drop", m.drop), ("act", m.act))``; this library's
-  ``BatchNormAct*d`` with a string ``activation`` has ``(("act", nn.ReLU()),)`` etc.
+  ``.act`` an ``nn.Identity``) has ``(("drop", m.drop), ("act", m.act))`` - this library's
+  ``BatchNormAct*d`` included; a module that names its activation in a string attribute
+  ``activation = "relu"`` (as this library's first ``BatchNormAct*d`` did) has ``(("act", nn.ReLU()),)``.
 - ``problem``: ``None`` when the eval-mode forward is *known* to be ``extras(BN(x))``; otherwise why
   not. A class whose ``forward`` is that of a known plain batch norm (torch.nn's or this library's,
   also inherited by a subclass) is known. Any other class - one that overrides ``forward``, or has
