@@ -64,28 +64,13 @@ def check_input(x, weight, bias, running_mean, running_var, *, training: bool, r
     """
     if not isinstance(x, Tensor):
         raise InputTypeError(f"{what}: expected a torch.Tensor input, got {type(x).__name__}")
-    if dims and x.dim() not in dims:
-        raise InputError(f"{what}: expected {' or '.join(f'{d}D' for d in dims)} input, got {x.dim()}D input of "
-                         f"shape {tuple(x.shape)}")  # fmt: skip
-    if num_features is not None and x.dim() >= 2 and x.shape[1] != num_features:
-        raise InputError(
-            f"{what}({num_features}): input has {x.shape[1]} channels (dimension 1 of shape {tuple(x.shape)}); "
-            f"expected {num_features}. Check num_features, or permute channels-last data to (N, C, ...) first."
-        )
-    if not x.dtype.is_floating_point:
-        raise InputTypeError(
-            f"{what}: input has dtype {x.dtype}; batch norm needs a floating-point input "
-            f"(float32, float64, float16 or bfloat16). Convert it first, e.g. x.float()."
-        )
-    if x.dim() < 2 and x.numel() == 0:
-        return 0  # torch.nn returns an empty output for an input without values, whatever its rank
-    if x.dim() < 2:
-        raise InputError(
-            f"{what}: expected an input of shape (N, C, *) with at least 2 dimensions, "
-            f"got shape {tuple(x.shape)}. For a single sample use x.unsqueeze(0)."
-        )
-    c = x.shape[1]
-    shape, dev, dt = (c,), x.device, x.dtype
+    xshape, dt = x.shape, x.dtype
+    nd = len(xshape)
+    if nd < 2 or (dims and nd not in dims) or not dt.is_floating_point or (
+            num_features is not None and xshape[1] != num_features):  # fmt: skip
+        return _explain_input(x, what, dims, num_features)  # raises, or 0 for an empty 0-d/1-d input
+    c = xshape[1]
+    shape, dev = (c,), x.device
     half = dt in _HALF
     for t in (weight, bias, running_mean, running_var):  # fast path: one test per tensor, messages below
         if t is not None and not (isinstance(t, Tensor) and t.shape == shape and t.device == dev
@@ -111,6 +96,31 @@ def check_input(x, weight, bias, running_mean, running_var, *, training: bool, r
             f"batch statistics (batchnorm.GroupNorm / LayerNorm)."
         )
     return count
+
+
+def _explain_input(x: Tensor, what: str, dims: Optional[tuple], num_features: Optional[int]) -> int:
+    """The input checks of :func:`check_input` one by one, in order, with their messages (its slow path)."""
+    if dims and x.dim() not in dims:
+        raise InputError(f"{what}: expected {' or '.join(f'{d}D' for d in dims)} input, got {x.dim()}D input of "
+                         f"shape {tuple(x.shape)}")  # fmt: skip
+    if num_features is not None and x.dim() >= 2 and x.shape[1] != num_features:
+        raise InputError(
+            f"{what}({num_features}): input has {x.shape[1]} channels (dimension 1 of shape {tuple(x.shape)}); "
+            f"expected {num_features}. Check num_features, or permute channels-last data to (N, C, ...) first."
+        )
+    if not x.dtype.is_floating_point:
+        raise InputTypeError(
+            f"{what}: input has dtype {x.dtype}; batch norm needs a floating-point input "
+            f"(float32, float64, float16 or bfloat16). Convert it first, e.g. x.float()."
+        )
+    if x.dim() < 2 and x.numel() == 0:
+        return 0  # torch.nn returns an empty output for an input without values, whatever its rank
+    if x.dim() < 2:
+        raise InputError(
+            f"{what}: expected an input of shape (N, C, *) with at least 2 dimensions, "
+            f"got shape {tuple(x.shape)}. For a single sample use x.unsqueeze(0)."
+        )
+    raise AssertionError("unreachable: check_input's fast test and its explanation disagree")  # pragma: no cover
 
 
 def _explain_params(x, weight, bias, running_mean, running_var, what: str) -> None:
