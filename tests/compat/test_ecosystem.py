@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import batchnorm
+from batchnorm.errors import InputError
 from family._util import data
 from tolerances import REL_TOL, REL_TOL_VS_TORCH, assert_rel_close
 
@@ -234,3 +235,79 @@ def test_fused_path_only_for_activations_the_kernels_know():
     ref = nn.functional.gelu(nn.functional.batch_norm(x, None, None, training=True) + r)
     assert_rel_close(m(x, residual=r), ref, F32, "gelu(bn(x) + residual)")
     assert np.isfinite(m(x).detach().numpy()).all()
+
+
+# --- the argument types torch.nn accepts ---------------------------------------------------------
+#: (ours built with NumPy scalars, the same torch.nn module built with Python numbers)
+NUMPY_ARGS = [
+    (lambda: batchnorm.BatchNorm2d(np.int64(4), eps=np.float32(1e-3), momentum=np.float64(0.3)),
+     lambda: nn.BatchNorm2d(4, eps=float(np.float32(1e-3)), momentum=0.3)),
+    (lambda: batchnorm.SyncBatchNorm(np.int32(4), momentum=np.float32(0.5)), lambda: nn.SyncBatchNorm(4, momentum=0.5)),
+    (lambda: batchnorm.GroupNorm(np.int64(2), np.int64(4)), lambda: nn.GroupNorm(2, 4)),
+    (lambda: batchnorm.LayerNorm(np.int64(5)), lambda: nn.LayerNorm(5)),
+    (lambda: batchnorm.InstanceNorm2d(np.int64(4), affine=True, track_running_stats=True),
+     lambda: nn.InstanceNorm2d(4, affine=True, track_running_stats=True)),
+    (lambda: batchnorm.FrozenBatchNorm2d(np.int64(4), eps=np.float32(1e-3)), None),
+]
+
+
+@pytest.mark.parametrize("make,make_torch", NUMPY_ARGS, ids=lambda v: "")
+def test_numpy_scalar_arguments_are_numbers(make, make_torch):
+    """NumPy integers and floats (e.g. read from a config array) are accepted and stored as Python numbers."""
+    ours = make()
+    for name in ("num_features", "num_channels", "num_groups"):
+        if hasattr(ours, name):
+            assert type(getattr(ours, name)) is int
+    assert type(ours.eps) is float
+    if make_torch is None:
+        return
+    theirs = make_torch()
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    x = data((3, 4, 5, 5), 1)
+    assert_rel_close(ours(x), theirs(x), VS_TORCH)
+    for name, buf in theirs.named_buffers():
+        assert_rel_close(getattr(ours, name), buf, VS_TORCH)
+
+
+@pytest.mark.parametrize("momentum", [torch.tensor(0.2), torch.tensor(0.2, dtype=torch.float64), np.float32(0.2)])
+def test_momentum_set_to_a_tensor_or_numpy_number_updates_like_torch_nn(momentum):
+    ours, theirs = batchnorm.BatchNorm2d(3), nn.BatchNorm2d(3)
+    ours.momentum = theirs.momentum = momentum
+    x = data((4, 3, 2, 2), 2)
+    assert_rel_close(ours(x), theirs(x), VS_TORCH)
+    assert_rel_close(ours.running_mean, theirs.running_mean, VS_TORCH)
+    assert_rel_close(ours.running_var, theirs.running_var, VS_TORCH)
+    ours.eval(), theirs.eval()
+    assert_rel_close(ours(x), theirs(x), VS_TORCH)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [True, np.bool_(True), torch.tensor([0.1, 0.2]), torch.tensor([0.1]), torch.tensor(True), "0.1", torch.tensor(1.5)],
+    ids=["bool", "np_bool", "two_elements", "one_dim", "bool_tensor", "str", "out_of_range"],
+)
+def test_bad_momentum_is_refused_and_nothing_changes(bad):
+    bn = batchnorm.BatchNorm2d(3)
+    bn.momentum = bad
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(RuntimeError, match="momentum"):
+        bn(data((4, 3, 2, 2), 3))
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize(
+    "make,x",
+    [
+        (lambda: batchnorm.GroupNorm(2, 4), torch.zeros(3, 5, 2)),
+        (lambda: batchnorm.InstanceNorm1d(3, track_running_stats=True), torch.zeros(2, 4, 5)),
+        (lambda: batchnorm.InstanceNorm2d(3, affine=True), torch.zeros(2, 4, 5, 5)),
+    ],
+    ids=["group", "instance_tracked", "instance_affine"],
+)
+def test_wrong_channel_count_is_a_runtime_and_value_error_that_says_what_to_do(make, x):
+    """torch.nn raises RuntimeError (GroupNorm) or ValueError (InstanceNorm): ours is both."""
+    with pytest.raises(InputError, match="channels|num_features") as info:
+        make()(x)
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, ValueError)
+    assert "build" in str(info.value)

@@ -275,9 +275,9 @@ class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
         backend: str = "auto",
         timeout: Optional[float] = DEFAULT_TIMEOUT_S,
     ) -> None:
-        check_num_features(num_features)
-        check_eps(eps, "SyncBatchNorm")
-        check_momentum(momentum, "SyncBatchNorm")
+        num_features = check_num_features(num_features)
+        eps = check_eps(eps, "SyncBatchNorm")
+        momentum = check_momentum(momentum, "SyncBatchNorm")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
             raise InputError(f"SyncBatchNorm: timeout must be a positive number of seconds or None, got {timeout!r}")
         torch_init(self, nn.SyncBatchNorm, num_features, eps, momentum, affine, track_running_stats, process_group,

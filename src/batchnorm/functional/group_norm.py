@@ -23,6 +23,8 @@ The equivalences ``group_norm(G=1) == layer_norm over (C, *spatial)`` and
 
 from __future__ import annotations
 
+import numbers
+
 from typing import Optional, Sequence, Union
 
 import torch
@@ -61,7 +63,7 @@ def _check_param(t, name: str, shape: tuple, x: Tensor, what: str) -> None:
 
 def check_num_groups(num_groups, num_channels) -> None:
     """``num_groups`` must be a positive int dividing ``num_channels``."""
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups < 1:
         raise InputError(f"num_groups must be a positive int, got {num_groups!r}")
     if num_channels % num_groups:
         divisors = [g for g in range(1, num_channels + 1) if num_channels % g == 0]
@@ -145,7 +147,7 @@ def layer_norm(
         >>> y = layer_norm(torch.randn(4, 10, 32), (32,))
     """
     what = "layer_norm"
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    shape = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) else tuple(normalized_shape)
     _check_tensor(input, what, max(len(shape), 1))
     if tuple(input.shape[input.dim() - len(shape):]) != shape:
         raise InputError(
@@ -213,8 +215,8 @@ def instance_norm(
         return run(input, THIS_BATCH, weight, bias, running_mean, running_var, None, False, momentum, eps,
                    check_finite=check_finite, state=precision_state, what=what)  # fmt: skip
     count = check_input(input, weight, bias, running_mean, running_var, training=False, what=what)
-    check_eps(eps, what)
-    check_momentum(momentum, what)
+    eps = check_eps(eps, what)
+    momentum = check_momentum(momentum, what)
     n, c = input.shape[:2]
     k = count // n if n else 0
     if input.numel() and k < 2:

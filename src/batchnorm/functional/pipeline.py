@@ -27,6 +27,7 @@ State changes come last: a call that raises leaves ``running_mean``, ``running_v
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -149,26 +150,37 @@ def _explain_params(x, weight, bias, running_mean, running_var, what: str) -> No
             )
 
 
-def check_eps(eps, what: str = "batch_norm") -> None:
-    """``eps`` is a finite number >= 0 (``eps = 0`` is allowed, as in torch.nn)."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+def _is_real(v) -> bool:
+    """A real number: Python, NumPy (``np.float32(0.1)``) or a 0-d real tensor (as torch.nn); not a bool."""
+    if isinstance(v, Tensor):
+        return v.dim() == 0 and not (v.dtype == torch.bool or v.is_complex())
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_eps(eps, what: str = "batch_norm") -> float:
+    """``eps`` is a finite number >= 0 (``eps = 0`` is allowed, as in torch.nn); returns it as a float."""
+    if not _is_real(eps) or not math.isfinite(float(eps)) or float(eps) < 0:
         raise InputError(
             f"{what}: eps must be a finite number >= 0 (it is added to the variance), got {eps!r}; "
             f"the usual value is 1e-5"
         )
+    return float(eps)
 
 
-def check_momentum(momentum, what: str = "batch_norm") -> None:
-    """``momentum`` is ``None`` (cumulative average) or a number in [0, 1]."""
+def check_momentum(momentum, what: str = "batch_norm") -> Optional[float]:
+    """``momentum`` is ``None`` (cumulative average) or a number in [0, 1]: a Python or NumPy
+    number, or a 0-d tensor as torch.nn accepts (read with ``float()``, which on a GPU
+    waits for the device: prefer a Python float). Returns it as a float (or ``None``)."""
     if momentum is None:
-        return
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        return None
+    if not _is_real(momentum):
         raise InputTypeError(f"{what}: momentum must be a number in [0, 1] or None, got {momentum!r}")
     if not 0.0 <= float(momentum) <= 1.0:
         raise InputError(
             f"{what}: momentum must be in [0, 1] (the weight of the new batch), got {momentum}. "
             f"Keras/TF 'decay' d corresponds to momentum 1 - d."
         )
+    return float(momentum)
 
 
 def check_activation(activation, what: str = "batch_norm") -> None:
@@ -405,8 +417,8 @@ def run(
         try:
             count = check_input(x, weight, bias, running_mean, running_var, training=training, residual=residual,
                                 what=what, dims=dims, num_features=num_features)  # fmt: skip
-            check_eps(eps, what)
-            check_momentum(momentum, what)
+            eps = check_eps(eps, what)
+            momentum = check_momentum(momentum, what)
             if activation is not None:
                 check_activation(activation, what)
             if running_mean is None:

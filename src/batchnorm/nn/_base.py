@@ -14,6 +14,7 @@ construction, and one behaviour under ``torch.fx`` tracing (:func:`fx_leaf`).
 from __future__ import annotations
 
 import inspect
+import numbers
 from typing import Optional
 
 import torch
@@ -42,10 +43,11 @@ def fx_leaf(module: nn.Module, *args):
     return None
 
 
-def check_num_features(n, name: str = "num_features") -> None:
-    """A positive int (``bool`` is not one)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+def check_num_features(n, name: str = "num_features") -> int:
+    """A positive integer (Python or NumPy; ``bool`` is not one), returned as an ``int``."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise InputError(f"{name} must be a positive int (the channel count C), got {n!r}")
+    return int(n)
 
 
 def torch_init(module: nn.Module, cls: type, *args, bias: bool = True, **kwargs) -> None:
@@ -77,9 +79,9 @@ class BatchNormMixin:
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
                  check_finite: bool = False, backend: str = "auto") -> None:  # fmt: skip
         name = type(self).__name__
-        check_num_features(num_features)
-        check_eps(eps, name)
-        check_momentum(momentum, name)
+        num_features = check_num_features(num_features)
+        eps = check_eps(eps, name)
+        momentum = check_momentum(momentum, name)
         torch_init(self, self._torch_class(), num_features, eps, momentum, affine, track_running_stats, device, dtype,
                    bias=bias)  # fmt: skip
         self._init_options(check_finite, backend)

@@ -61,8 +61,8 @@ class _FrozenBatchNorm(nn.Module):
 
     def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None) -> None:
         super().__init__()
-        check_num_features(num_features)
-        check_eps(eps, type(self).__name__)
+        num_features = check_num_features(num_features)
+        eps = check_eps(eps, type(self).__name__)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps

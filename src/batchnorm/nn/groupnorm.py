@@ -8,12 +8,14 @@ float32 group and layer norm lose ``ulp(mean) / std`` (4e-2 relative at mean 1e6
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Optional, Sequence, Union
 
 from torch import Tensor, nn
 from torch.nn.modules.instancenorm import _InstanceNorm as _TorchInstanceNorm
 
+from ..errors import InputError
 from ..functional.group_norm import check_num_groups, group_norm, instance_norm, layer_norm
 from ..functional.pipeline import check_eps, check_momentum
 from ..functional.stats import PrecisionState
@@ -42,9 +44,9 @@ class GroupNorm(nn.GroupNorm):
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
                  device=None, dtype=None, *, bias: bool = True) -> None:  # fmt: skip
-        check_num_features(num_channels, "num_channels")
+        num_channels = check_num_features(num_channels, "num_channels")
         check_num_groups(num_groups, num_channels)
-        check_eps(eps, "GroupNorm")
+        num_groups, eps = int(num_groups), check_eps(eps, "GroupNorm")
         torch_init(self, nn.GroupNorm, num_groups, num_channels, eps, affine, device, dtype, bias=bias)
         self._precision = PrecisionState()
 
@@ -53,9 +55,10 @@ class GroupNorm(nn.GroupNorm):
         if traced is not None:
             return traced
         if isinstance(input, Tensor) and input.dim() >= 2 and input.shape[1] != self.num_channels:
-            raise ValueError(
+            raise InputError(
                 f"GroupNorm({self.num_groups}, {self.num_channels}): input has {input.shape[1]} channels "
-                f"(dimension 1 of shape {tuple(input.shape)}); expected {self.num_channels}"
+                f"(dimension 1 of shape {tuple(input.shape)}); expected {self.num_channels}: pass inputs with "
+                f"{self.num_channels} channels or build GroupNorm(num_groups, {input.shape[1]})"
             )
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps, precision_state=self._precision)
 
@@ -78,10 +81,10 @@ class LayerNorm(nn.LayerNorm):
 
     def __init__(self, normalized_shape: Union[int, Sequence[int]], eps: float = 1e-5,
                  elementwise_affine: bool = True, bias: bool = True, device=None, dtype=None) -> None:  # fmt: skip
-        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-        for s in shape:
-            check_num_features(s, "normalized_shape")
-        check_eps(eps, "LayerNorm")
+        integral = isinstance(normalized_shape, numbers.Integral)
+        shape = (normalized_shape,) if integral else tuple(normalized_shape)
+        normalized_shape = tuple(check_num_features(s, "normalized_shape") for s in shape)
+        eps = check_eps(eps, "LayerNorm")
         nn.LayerNorm.__init__(self, normalized_shape, eps, elementwise_affine, bias, device, dtype)
         self._precision = PrecisionState()
 
@@ -111,9 +114,9 @@ class _InstanceNorm(_TorchInstanceNorm):
                  track_running_stats: bool = False, device=None, dtype=None, *, bias: bool = True,
                  check_finite: bool = False) -> None:  # fmt: skip
         name = type(self).__name__
-        check_num_features(num_features)
-        check_eps(eps, name)
-        check_momentum(momentum, name)
+        num_features = check_num_features(num_features)
+        eps = check_eps(eps, name)
+        momentum = check_momentum(momentum, name)
         torch_init(self, next(c for c in type(self).__mro__ if c.__module__.startswith("torch.nn")), num_features, eps,
                    momentum, affine, track_running_stats, device, dtype, bias=bias)  # fmt: skip
         self.check_finite = check_finite
@@ -134,8 +137,10 @@ class _InstanceNorm(_TorchInstanceNorm):
                 f"input's size at dim=1 does not match num_features. You can silence this warning by not passing in "
                 f"num_features, which is not used because affine=False", stacklevel=2)  # fmt: skip
         elif input.shape[1] != self.num_features:
-            raise ValueError(f"{type(self).__name__}: expected input's size at dim=1 to match num_features "
-                             f"({self.num_features}), but got: {input.shape[1]}.")  # fmt: skip
+            raise InputError(f"{type(self).__name__}: expected input's size at dim=1 to match num_features "
+                             f"({self.num_features}), but got: {input.shape[1]} (input shape {tuple(input.shape)}); "
+                             f"pass inputs with {self.num_features} channels or build the module with "
+                             f"num_features={input.shape[1]}.")  # fmt: skip
         use_input_stats = self.training or not self.track_running_stats
         y = instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
                           self.momentum, self.eps,
