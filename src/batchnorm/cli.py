@@ -39,6 +39,14 @@ class CLIError(Exception):
 class Parser(argparse.ArgumentParser):
     """``argparse`` with one-line usage errors (``PROG: error: MESSAGE (see PROG --help)``, exit 2)."""
 
+    #: subcommand name -> its parser (for the "choose a command" error)
+    commands: dict = {}
+
+    def add_subparsers(self, **kwargs):
+        action = super().add_subparsers(**kwargs)
+        self.commands = action.choices
+        return action
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
@@ -69,8 +77,28 @@ def _one_line(text: str) -> str:
     return " ".join(lines)[:600] if lines else ""
 
 
+#: options whose value may start with "-" (a shape such as -1,3,8,8 is then reported as invalid by the
+#: command, not taken by argparse for an unknown option)
+_DASH_VALUE_OPTIONS = ("--input-shape", "--synthetic")
+
+
+def _attach_dash_values(argv: Sequence[str]) -> list:
+    """``["--input-shape", "-1,3"]`` -> ``["--input-shape=-1,3"]``, so the command validates the value."""
+    out, items = [], list(argv)
+    i = 0
+    while i < len(items):
+        if items[i] in _DASH_VALUE_OPTIONS and i + 1 < len(items) and items[i + 1][:1] == "-" and items[i + 1][1:2].isdigit():
+            out.append(f"{items[i]}={items[i + 1]}")
+            i += 2
+            continue
+        out.append(items[i])
+        i += 1
+    return out
+
+
 def dispatch(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv`` and run the chosen command; return its exit status (see the module docstring)."""
+    argv = _attach_dash_values(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as err:  # --help/--version (0) or a usage error (2, already printed)
@@ -81,7 +109,8 @@ def dispatch(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = No
 def execute(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """Run the command ``args`` selects; every failure becomes one stderr line and status 2."""
     if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
+        commands = ", ".join(getattr(parser, "commands", None) or {})
+        print(f"{parser.prog}: error: choose a command ({commands}); see {parser.prog} --help", file=sys.stderr)
         return 2
     where = f"{parser.prog} {args.command}"
     try:
@@ -118,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     if argv is None:
         sys.exit(dispatch(parser, None))
-    return execute(parser, parser.parse_args(argv))
+    return execute(parser, parser.parse_args(_attach_dash_values(argv)))
 
 
 if __name__ == "__main__":

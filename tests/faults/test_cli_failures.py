@@ -160,12 +160,13 @@ def test_bad_doctor_inputs(tmp_path, capsys):
 SHAPES = [
     ("100000,3,224,224", "is 15,052,800,000 values (56.1 GiB); at most 268,435,456 (1 GiB)"),
     ("4,-3,8,8", "must be positive integers"),
+    ("-1,3,8,8", "must be positive integers"),
     ("4", "must be positive integers"),
     ("four,3", "must be positive integers"),
 ]
 
 
-@pytest.mark.parametrize("shape,says", SHAPES, ids=["huge", "negative", "one dim", "not a number"])
+@pytest.mark.parametrize("shape,says", SHAPES, ids=["huge", "negative", "leading negative", "one dim", "not a number"])
 @pytest.mark.parametrize("option", ["doctor --input-shape", "recalibrate --synthetic", "fold --input-shape"])
 def test_bad_shapes(shape, says, option, tmp_path, capsys):
     command, flag = option.split()
@@ -187,6 +188,13 @@ def test_num_batches_beyond_the_data_is_reported(tmp_path, capsys):
 def test_non_positive_counts(tmp_path, capsys):
     run_fails(capsys, ["recalibrate", MODEL, "--synthetic", "2,3,8,8", "--num-batches", "0", "--output",
                        str(tmp_path / "o.pt")], "must be positive")  # fmt: skip
+
+
+def test_no_command_is_one_line_naming_the_commands(capsys):
+    assert run([]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("batchnorm: error: choose a command (")
+    assert "fold" in err[0] and "doctor" in err[0] and "--help" in err[0]
 
 
 def test_usage_errors_are_one_line(capsys):
