@@ -311,3 +311,30 @@ def test_wrong_channel_count_is_a_runtime_and_value_error_that_says_what_to_do(m
         make()(x)
     assert isinstance(info.value, RuntimeError) and isinstance(info.value, ValueError)
     assert "build" in str(info.value)
+
+
+class _Doubled(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def test_parametrized_weight_and_weight_norm_hook_are_used():
+    """The forward reads parameters from nn.Module's dicts for speed; a parametrization (which moves
+    ``weight`` out of ``_parameters``) must still be seen, as torch.nn sees it."""
+    from torch.nn.utils import parametrize
+
+    x = data((6, 4, 3, 3), 4)
+    ours, theirs = batchnorm.BatchNorm2d(4), nn.BatchNorm2d(4)
+    for m in (ours, theirs):
+        with torch.no_grad():
+            m.weight.copy_(torch.linspace(0.5, 2.0, 4))
+        parametrize.register_parametrization(m, "weight", _Doubled())
+    assert "weight" not in ours._parameters
+    assert_rel_close(ours(x), theirs(x), VS_TORCH)
+    assert_rel_close(ours.eval()(x), theirs.eval()(x), VS_TORCH)
+    # the parametrization's gradient reaches the original weight
+    ours.train()(x).square().sum().backward()
+    theirs.train()(x).square().sum().backward()
+    g_ours = ours.parametrizations.weight.original.grad
+    assert_rel_close(g_ours, theirs.parametrizations.weight.original.grad, VS_TORCH)
+    assert g_ours.abs().sum() > 0

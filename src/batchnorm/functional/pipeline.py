@@ -159,6 +159,8 @@ def _is_real(v) -> bool:
 
 def check_eps(eps, what: str = "batch_norm") -> float:
     """``eps`` is a finite number >= 0 (``eps = 0`` is allowed, as in torch.nn); returns it as a float."""
+    if type(eps) is float and 0.0 <= eps < math.inf:  # the usual case, without the number-type tests
+        return eps
     if not _is_real(eps) or not math.isfinite(float(eps)) or float(eps) < 0:
         raise InputError(
             f"{what}: eps must be a finite number >= 0 (it is added to the variance), got {eps!r}; "
@@ -171,8 +173,8 @@ def check_momentum(momentum, what: str = "batch_norm") -> Optional[float]:
     """``momentum`` is ``None`` (cumulative average) or a number in [0, 1]: a Python or NumPy
     number, or a 0-d tensor as torch.nn accepts (read with ``float()``, which on a GPU
     waits for the device: prefer a Python float). Returns it as a float (or ``None``)."""
-    if momentum is None:
-        return None
+    if momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0):  # the usual cases
+        return momentum
     if not _is_real(momentum):
         raise InputTypeError(f"{what}: momentum must be a number in [0, 1] or None, got {momentum!r}")
     if not 0.0 <= float(momentum) <= 1.0:

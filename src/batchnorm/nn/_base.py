@@ -110,14 +110,24 @@ class BatchNormMixin:
         return traced if traced is not None else self._forward(input)
 
     def _forward(self, input: Tensor, residual: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
-        training = self.training
+        # Parameters and buffers are read from nn.Module's dicts (its __getattr__ costs ~0.4 us per
+        # name, a visible share of a small layer's call); a name that is not there (moved by a
+        # parametrization or a weight-norm hook) is read with getattr as usual.
+        training, buffers, params = self.training, self._buffers, self._parameters
         if training and not self.track_running_stats:  # batch statistics, nothing to update
             rm = rv = nbt = None
         else:
-            rm, rv = self.running_mean, self.running_var
-            nbt = self.num_batches_tracked if training else None
+            rm, rv = buffers.get("running_mean", _ABSENT), buffers.get("running_var", _ABSENT)
+            if rm is _ABSENT or rv is _ABSENT:
+                rm, rv = self.running_mean, self.running_var
+            nbt = buffers.get("num_batches_tracked", _ABSENT) if training else None
+            if nbt is _ABSENT:
+                nbt = getattr(self, "num_batches_tracked", None)
             training = training or rm is None  # eval without running statistics: batch statistics (torch.nn)
-        return run(input, self._source() if training else THIS_BATCH, self.weight, self.bias, rm, rv, nbt, training,
+        weight, bias = params.get("weight", _ABSENT), params.get("bias", _ABSENT)
+        if weight is _ABSENT or bias is _ABSENT:
+            weight, bias = self.weight, self.bias
+        return run(input, self._source() if training else THIS_BATCH, weight, bias, rm, rv, nbt, training,
                    self.momentum, self.eps, residual, activation, self.check_finite, self.backend, self._precision,
                    type(self).__name__, self._input_dims, self.num_features)  # fmt: skip
 
@@ -129,6 +139,8 @@ class BatchNormMixin:
             s += f", backend={self.backend!r}"
         return s
 
+
+_ABSENT = object()
 
 #: the per-channel values a normalization module carries (torch.nn's names)
 NORM_VALUES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
