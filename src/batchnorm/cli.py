@@ -83,11 +83,14 @@ _DASH_VALUE_OPTIONS = ("--input-shape", "--synthetic")
 
 
 def _attach_dash_values(argv: Sequence[str]) -> list:
-    """``["--input-shape", "-1,3"]`` -> ``["--input-shape=-1,3"]``, so the command validates the value."""
+    """``["--input-shape", "-1,3"]`` -> ``["--input-shape=-1,3"]``, so the command validates the value
+    (also for an abbreviation argparse would accept, e.g. ``--input-sh``)."""
     out, items = [], list(argv)
     i = 0
     while i < len(items):
-        if items[i] in _DASH_VALUE_OPTIONS and i + 1 < len(items) and items[i + 1][:1] == "-" and items[i + 1][1:2].isdigit():
+        tok = items[i]
+        takes_value = tok.startswith("--") and len(tok) > 3 and any(o.startswith(tok) for o in _DASH_VALUE_OPTIONS)
+        if takes_value and i + 1 < len(items) and items[i + 1][:1] == "-" and items[i + 1][1:2].isdigit():
             out.append(f"{items[i]}={items[i + 1]}")
             i += 2
             continue

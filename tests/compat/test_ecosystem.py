@@ -338,3 +338,115 @@ def test_parametrized_weight_and_weight_norm_hook_are_used():
     g_ours = ours.parametrizations.weight.original.grad
     assert_rel_close(g_ours, theirs.parametrizations.weight.original.grad, VS_TORCH)
     assert g_ours.abs().sum() > 0
+
+
+# --- what a torch.nn user can do to a module's attributes ------------------------------------------
+def _gated(base):
+    class Gated(base):
+        """A subclass exposing an effective weight as a property (channel 1 switched off)."""
+
+        @property
+        def weight(self):
+            w = self._parameters.get("weight")
+            if w is None:
+                raise AttributeError("weight")
+            return w * torch.tensor([1.0, 0.0, 1.0])
+
+    return Gated
+
+
+def test_a_property_shadowing_weight_is_used_as_torch_nn_uses_it():
+    x = data((4, 3, 5, 5), 5)
+    ours, theirs = _gated(batchnorm.BatchNorm2d)(3), _gated(nn.BatchNorm2d)(3)
+    for m in (ours, theirs):  # (reset_parameters initialised the property's product, not the parameter)
+        nn.init.ones_(m._parameters["weight"])
+    y = ours(x)
+    assert float(y[:, 1].detach().abs().max()) == 0.0  # channel 1's weight is 0 through the property
+    assert_rel_close(y, theirs(x), VS_TORCH)
+
+
+def test_an_instance_attribute_shadowing_a_buffer_is_used_as_torch_nn_uses_it():
+    x = data((4, 3, 5, 5), 6)
+    ours, theirs = batchnorm.BatchNorm2d(3).eval(), nn.BatchNorm2d(3).eval()
+    for m in (ours, theirs):
+        m.__dict__["running_mean"] = torch.full((3,), 2.0)
+    assert_rel_close(ours(x), theirs(x), VS_TORCH)
+    assert float(ours.running_mean.sum()) == 6.0
+
+
+def test_deleted_counter_raises_like_torch_nn():
+    ours, theirs = batchnorm.BatchNorm2d(3), nn.BatchNorm2d(3)
+    del ours.num_batches_tracked, theirs.num_batches_tracked
+    x = data((4, 3, 2, 2), 7)
+    with pytest.raises(AttributeError):
+        theirs(x)
+    with pytest.raises(AttributeError):
+        ours(x)
+
+
+def test_tensor_momentum_from_the_constructor_is_kept_so_schedules_work():
+    mom_ours, mom_theirs = torch.tensor(0.1), torch.tensor(0.1)
+    ours, theirs = batchnorm.BatchNorm2d(3, momentum=mom_ours), nn.BatchNorm2d(3, momentum=mom_theirs)
+    assert ours.momentum is mom_ours
+    mom_ours.fill_(1.0), mom_theirs.fill_(1.0)  # a schedule updating the tensor in place
+    x = data((4, 3, 2, 2), 8) + 5
+    ours(x), theirs(x)
+    assert_rel_close(ours.running_mean, theirs.running_mean, VS_TORCH)
+    assert float(ours.running_mean.min()) > 4.0  # the new momentum (1.0) was used
+
+
+def test_group_norm_without_affine_accepts_other_channel_counts_like_torch_nn():
+    x = data((2, 4, 5), 9)
+    assert_rel_close(batchnorm.GroupNorm(2, 6, affine=False)(x), nn.GroupNorm(2, 6, affine=False)(x), VS_TORCH)
+
+
+def test_zero_d_tensor_counts_and_numpy_timeout():
+    assert batchnorm.BatchNorm2d(torch.tensor(3)).num_features == 3
+    gn = batchnorm.GroupNorm(torch.tensor(2), 6)
+    assert (gn.num_groups, gn.num_channels) == (2, 6) and type(gn.num_groups) is int
+    assert batchnorm.SyncBatchNorm(3, timeout=np.float32(30)).timeout == 30.0
+    assert batchnorm.SyncBatchNorm(3, timeout=np.int64(30)).timeout == 30.0
+    for bad in (0, -1.0, float("nan"), True, "30"):
+        with pytest.raises(InputError, match="timeout"):
+            batchnorm.SyncBatchNorm(3, timeout=bad)
+
+
+@pytest.mark.parametrize("eps", ["1e-5", np.array([1e-5]), None])
+def test_eps_of_the_wrong_type_is_a_type_error_as_in_torch_nn(eps):
+    with pytest.raises(TypeError, match="eps must be a number") as info:
+        batchnorm.BatchNorm2d(3, eps=eps)
+    assert isinstance(info.value, RuntimeError)
+
+
+def test_instance_norm_unbatched_channel_error_names_the_callers_dimension():
+    with pytest.raises(InputError, match=r"size at dim=0 .*\(input shape \(4, 5\)\)"):
+        batchnorm.InstanceNorm1d(6, affine=True)(torch.randn(4, 5))
+
+
+# --- torch.func ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [lambda lib: lib.BatchNorm2d(3), lambda lib: lib.InstanceNorm2d(3, affine=True),
+                                  lambda lib: lib.GroupNorm(3, 3)], ids=["batch", "instance", "group"])  # fmt: skip
+def test_torch_func_transforms_match_torch_nn(make):
+    """vmap(grad(functional_call)) per-sample gradients in eval mode, jacrev, and functional_call in training:
+    inside a transform nothing may be read on the host (tensors have no storage there)."""
+    from torch.func import functional_call, grad, jacrev, vmap
+
+    x = data((5, 3, 4, 4), 10)
+    results = []
+    for lib in (batchnorm, nn):
+        torch.manual_seed(1)
+        m = make(lib).eval()
+        if getattr(m, "running_mean", None) is not None:
+            with torch.no_grad():
+                m.running_mean.uniform_(), m.running_var.uniform_(0.5, 2)
+        params = {k: v.detach() for k, v in m.named_parameters()}
+        per_sample = vmap(grad(lambda p, xi: functional_call(m, p, (xi[None],)).square().sum()),
+                          in_dims=(None, 0))(params, x)  # fmt: skip
+        jac = jacrev(lambda xx: m(xx).sum(0))(x[:2])
+        train = functional_call(m.train(), params, (x,))
+        results.append((per_sample, jac, train))
+    (g_ours, j_ours, t_ours), (g_theirs, j_theirs, t_theirs) = results
+    for k in g_theirs:
+        assert_rel_close(g_ours[k], g_theirs[k], VS_TORCH)
+    assert_rel_close(j_ours, j_theirs, VS_TORCH)
+    assert_rel_close(t_ours, t_theirs, VS_TORCH)

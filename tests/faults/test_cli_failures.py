@@ -275,3 +275,7 @@ def test_main_exits_on_the_command_line_and_run_returns(capsys, monkeypatch):
     assert main(["fold", "tests.faults.factories:raises_key_error"]) == 2  # programmatic: returned
     one_line_error(capsys, "fold")
     assert run(["fold", MODEL]) == 0
+
+
+def test_abbreviated_shape_option_with_a_leading_minus_reaches_the_shape_check(tmp_path, capsys):
+    run_fails(capsys, ["doctor", MODEL, "--input-sh", "-1,3,8,8"], "must be positive integers")

@@ -40,6 +40,7 @@ modules, synchronizes a GPU once per layer and step and cannot be captured in a 
 
 from __future__ import annotations
 
+import numbers
 from datetime import timedelta
 from typing import Optional
 
@@ -92,7 +93,7 @@ def _wait(op: str, work, timeout: Optional[float], process_group) -> None:
     except RuntimeError as e:  # gloo/NCCL errors and timeouts (DistBackendError is a RuntimeError)
         raise RuntimeError(
             f"SyncBatchNorm: the {op} across {world_size(process_group)} processes failed or timed out after "
-            f"{timeout} s - a process died, hangs, raised before reaching this layer, or did not call it (every "
+            f"{'the process group timeout' if timeout is None else f'{timeout:g} s'} - a process died, hangs, raised before reaching this layer, or did not call it (every "
             f"rank must run it, also with an empty batch). Original error: {e}"
         ) from e
 
@@ -278,13 +279,14 @@ class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
         num_features = check_num_features(num_features)
         eps = check_eps(eps, "SyncBatchNorm")
         momentum = check_momentum(momentum, "SyncBatchNorm")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
+                                    or not timeout > 0):  # fmt: skip
             raise InputError(f"SyncBatchNorm: timeout must be a positive number of seconds or None, got {timeout!r}")
         torch_init(self, nn.SyncBatchNorm, num_features, eps, momentum, affine, track_running_stats, process_group,
                    device, dtype, bias=bias)  # fmt: skip
         self._init_options(check_finite, backend)
         #: seconds to wait for the other ranks in each collective (None: the process group's timeout)
-        self.timeout = timeout
+        self.timeout = None if timeout is None else float(timeout)
         self._verified = False  # channel counts compared with the other ranks (first training call)
 
     def _source(self) -> ThisBatch:

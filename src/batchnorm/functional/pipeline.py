@@ -158,10 +158,16 @@ def _is_real(v) -> bool:
 
 
 def check_eps(eps, what: str = "batch_norm") -> float:
-    """``eps`` is a finite number >= 0 (``eps = 0`` is allowed, as in torch.nn); returns it as a float."""
+    """``eps`` is a finite number >= 0 (``eps = 0`` is allowed: torch.nn's instance norm and eval
+    accept it, its batch-norm training does not - docs/compat.md); returns it as a float."""
     if type(eps) is float and 0.0 <= eps < math.inf:  # the usual case, without the number-type tests
         return eps
-    if not _is_real(eps) or not math.isfinite(float(eps)) or float(eps) < 0:
+    if not _is_real(eps):
+        raise InputTypeError(
+            f"{what}: eps must be a number (it is added to the variance), got {type(eps).__name__} {eps!r}; "
+            f"the usual value is 1e-5"
+        )
+    if not math.isfinite(float(eps)) or float(eps) < 0:
         raise InputError(
             f"{what}: eps must be a finite number >= 0 (it is added to the variance), got {eps!r}; "
             f"the usual value is 1e-5"
@@ -169,10 +175,12 @@ def check_eps(eps, what: str = "batch_norm") -> float:
     return float(eps)
 
 
-def check_momentum(momentum, what: str = "batch_norm") -> Optional[float]:
+def check_momentum(momentum, what: str = "batch_norm"):
     """``momentum`` is ``None`` (cumulative average) or a number in [0, 1]: a Python or NumPy
-    number, or a 0-d tensor as torch.nn accepts (read with ``float()``, which on a GPU
-    waits for the device: prefer a Python float). Returns it as a float (or ``None``)."""
+    number, or a 0-d tensor as torch.nn accepts (read with ``float()`` at every step, which on a
+    GPU waits for the device: prefer a Python float). Returns a NumPy number as a float and
+    anything else unchanged (a tensor stays the same object, so a schedule that updates it in
+    place takes effect, as in torch.nn)."""
     if momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0):  # the usual cases
         return momentum
     if not _is_real(momentum):
@@ -182,7 +190,7 @@ def check_momentum(momentum, what: str = "batch_norm") -> Optional[float]:
             f"{what}: momentum must be in [0, 1] (the weight of the new batch), got {momentum}. "
             f"Keras/TF 'decay' d corresponds to momentum 1 - d."
         )
-    return float(momentum)
+    return momentum if isinstance(momentum, (Tensor, float)) else float(momentum)
 
 
 def check_activation(activation, what: str = "batch_norm") -> None:

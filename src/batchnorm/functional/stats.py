@@ -134,10 +134,16 @@ _policy = threading.local()
 _policy_open = 0
 
 
+#: the innermost active torch.func transform (vmap/grad/jacrev/...), or None outside them: inside one,
+#: tensors are wrappers with no storage to read on the host
+_transform_stack = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", lambda: None)
+
+
 def host_reads_ok(t: Tensor) -> bool:
     """Whether a decision may read ``t``'s values on the host now: CPU tensors, outside
-    :func:`device_policy`. (A GPU tensor read would synchronize the host with the device.)"""
-    return t.is_cpu and not (_policy_open and getattr(_policy, "device", False))
+    :func:`device_policy`, not inside a torch.func transform. (A GPU tensor read would
+    synchronize the host with the device; a torch.func wrapper has no storage to read.)"""
+    return t.is_cpu and not (_policy_open and getattr(_policy, "device", False)) and _transform_stack() is None
 
 
 @contextlib.contextmanager
@@ -275,7 +281,7 @@ def centering(x: Tensor, state: Optional[PrecisionState], first=_first_sample) -
         return first(x).detach(), NOTHING
     if host_reads_ok(x):
         return None, CHECK
-    if state is None:
+    if state is None or _transform_stack() is not None:  # in torch.func: torch.nn's precision (compat.md)
         return None, NOTHING
     return (first(x).detach() if state.decide() else None), PUBLISH
 

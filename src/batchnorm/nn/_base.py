@@ -44,9 +44,14 @@ def fx_leaf(module: nn.Module, *args):
 
 
 def check_num_features(n, name: str = "num_features") -> int:
-    """A positive integer (Python or NumPy; ``bool`` is not one), returned as an ``int``."""
+    """A positive integer (Python, NumPy or a 0-d integer tensor, as torch.nn accepts; ``bool`` is
+    not one), returned as an ``int``."""
+    if isinstance(n, Tensor) and n.dim() == 0 and not n.is_floating_point() and not n.is_complex() \
+            and n.dtype != torch.bool:  # fmt: skip
+        n = int(n)
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise InputError(f"{name} must be a positive int (the channel count C), got {n!r}")
+        meaning = " (the channel count C)" if name in ("num_features", "num_channels") else ""
+        raise InputError(f"{name} must be a positive int{meaning}, got {n!r}")
     return int(n)
 
 
@@ -109,24 +114,26 @@ class BatchNormMixin:
         traced = fx_leaf(self, input)
         return traced if traced is not None else self._forward(input)
 
+    def _value(self, name: str, where: dict, plain: bool):
+        """``getattr(self, name)``, read straight from ``where`` (``_parameters``/``_buffers``) when
+        ``plain``: nn.Module's ``__getattr__`` costs ~0.4 us per name, a visible share of a small
+        layer's call. Not plain (a property or an instance attribute shadows the name, e.g. a
+        parametrization or a subclass exposing an effective weight) or not there: ``getattr``."""
+        if plain and name in where:
+            return where[name]
+        return getattr(self, name)
+
     def _forward(self, input: Tensor, residual: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
-        # Parameters and buffers are read from nn.Module's dicts (its __getattr__ costs ~0.4 us per
-        # name, a visible share of a small layer's call); a name that is not there (moved by a
-        # parametrization or a weight-norm hook) is read with getattr as usual.
-        training, buffers, params = self.training, self._buffers, self._parameters
+        training, plain = self.training, _reads_plainly(self)
         if training and not self.track_running_stats:  # batch statistics, nothing to update
             rm = rv = nbt = None
         else:
-            rm, rv = buffers.get("running_mean", _ABSENT), buffers.get("running_var", _ABSENT)
-            if rm is _ABSENT or rv is _ABSENT:
-                rm, rv = self.running_mean, self.running_var
-            nbt = buffers.get("num_batches_tracked", _ABSENT) if training else None
-            if nbt is _ABSENT:
-                nbt = getattr(self, "num_batches_tracked", None)
+            buffers = self._buffers
+            rm, rv = self._value("running_mean", buffers, plain), self._value("running_var", buffers, plain)
+            nbt = self._value("num_batches_tracked", buffers, plain) if training else None
             training = training or rm is None  # eval without running statistics: batch statistics (torch.nn)
-        weight, bias = params.get("weight", _ABSENT), params.get("bias", _ABSENT)
-        if weight is _ABSENT or bias is _ABSENT:
-            weight, bias = self.weight, self.bias
+        params = self._parameters
+        weight, bias = self._value("weight", params, plain), self._value("bias", params, plain)
         return run(input, self._source() if training else THIS_BATCH, weight, bias, rm, rv, nbt, training,
                    self.momentum, self.eps, residual, activation, self.check_finite, self.backend, self._precision,
                    type(self).__name__, self._input_dims, self.num_features)  # fmt: skip
@@ -140,7 +147,20 @@ class BatchNormMixin:
         return s
 
 
-_ABSENT = object()
+#: per class: whether no class in its MRO defines a NORM_VALUES name (a property would shadow the dicts)
+_PLAIN_CLASSES: dict = {}
+
+
+def _reads_plainly(module: nn.Module) -> bool:
+    """Whether ``module.weight`` etc. are what nn.Module's dicts hold: no class attribute or
+    property of those names in its MRO, and none in the instance ``__dict__``."""
+    cls = type(module)
+    plain = _PLAIN_CLASSES.get(cls)
+    if plain is None:
+        plain = _PLAIN_CLASSES[cls] = not any(n in vars(c) for c in cls.__mro__ for n in NORM_VALUES)
+    d = module.__dict__
+    return plain and not ("weight" in d or "bias" in d or "running_mean" in d or "running_var" in d
+                          or "num_batches_tracked" in d)  # fmt: skip
 
 #: the per-channel values a normalization module carries (torch.nn's names)
 NORM_VALUES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")

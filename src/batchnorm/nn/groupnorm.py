@@ -45,8 +45,9 @@ class GroupNorm(nn.GroupNorm):
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
                  device=None, dtype=None, *, bias: bool = True) -> None:  # fmt: skip
         num_channels = check_num_features(num_channels, "num_channels")
+        num_groups = check_num_features(num_groups, "num_groups")
         check_num_groups(num_groups, num_channels)
-        num_groups, eps = int(num_groups), check_eps(eps, "GroupNorm")
+        eps = check_eps(eps, "GroupNorm")
         torch_init(self, nn.GroupNorm, num_groups, num_channels, eps, affine, device, dtype, bias=bias)
         self._precision = PrecisionState()
 
@@ -54,7 +55,8 @@ class GroupNorm(nn.GroupNorm):
         traced = fx_leaf(self, input)
         if traced is not None:
             return traced
-        if isinstance(input, Tensor) and input.dim() >= 2 and input.shape[1] != self.num_channels:
+        if self.affine and isinstance(input, Tensor) and input.dim() >= 2 and input.shape[1] != self.num_channels:
+            # (torch.nn checks the channel count only through the affine parameters' shape)
             raise InputError(
                 f"GroupNorm({self.num_groups}, {self.num_channels}): input has {input.shape[1]} channels "
                 f"(dimension 1 of shape {tuple(input.shape)}); expected {self.num_channels}: pass inputs with "
@@ -130,17 +132,18 @@ class _InstanceNorm(_TorchInstanceNorm):
             raise TypeError(f"{type(self).__name__}: expected a torch.Tensor, got {type(input).__name__}")
         self._check_input_dim(input)  # torch.nn's: the batched or unbatched rank
         unbatched = input.dim() == self._get_no_batch_dim()
+        dim = 0 if unbatched else 1  # the channel dimension of the caller's input
+        if input.shape[dim] != self.num_features and not self.affine and not self.track_running_stats:
+            warnings.warn(  # torch.nn's behaviour: num_features is not used without affine or tracking
+                f"input's size at dim={dim} does not match num_features. You can silence this warning by not passing "
+                f"in num_features, which is not used because affine=False", stacklevel=2)  # fmt: skip
+        elif input.shape[dim] != self.num_features:
+            raise InputError(f"{type(self).__name__}: expected input's size at dim={dim} to match num_features "
+                             f"({self.num_features}), but got: {input.shape[dim]} (input shape {tuple(input.shape)}); "
+                             f"pass inputs with {self.num_features} channels or build the module with "
+                             f"num_features={input.shape[dim]}.")  # fmt: skip
         if unbatched:
             input = input.unsqueeze(0)
-        if input.shape[1] != self.num_features and not self.affine and not self.track_running_stats:
-            warnings.warn(  # torch.nn's behaviour: num_features is not used without affine or tracking
-                f"input's size at dim=1 does not match num_features. You can silence this warning by not passing in "
-                f"num_features, which is not used because affine=False", stacklevel=2)  # fmt: skip
-        elif input.shape[1] != self.num_features:
-            raise InputError(f"{type(self).__name__}: expected input's size at dim=1 to match num_features "
-                             f"({self.num_features}), but got: {input.shape[1]} (input shape {tuple(input.shape)}); "
-                             f"pass inputs with {self.num_features} channels or build the module with "
-                             f"num_features={input.shape[1]}.")  # fmt: skip
         use_input_stats = self.training or not self.track_running_stats
         y = instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
                           self.momentum, self.eps,
