@@ -450,3 +450,10 @@ def test_torch_func_transforms_match_torch_nn(make):
         assert_rel_close(g_ours[k], g_theirs[k], VS_TORCH)
     assert_rel_close(j_ours, j_theirs, VS_TORCH)
     assert_rel_close(t_ours, t_theirs, VS_TORCH)
+
+
+def test_deleted_counter_in_eval_mode_is_not_needed_as_in_torch_nn():
+    x = data((4, 3, 2, 2), 11)
+    ours, theirs = batchnorm.BatchNorm2d(3).eval(), nn.BatchNorm2d(3).eval()
+    del ours.num_batches_tracked, theirs.num_batches_tracked
+    assert_rel_close(ours(x), theirs(x), VS_TORCH)
