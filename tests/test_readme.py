@@ -20,5 +20,5 @@ def test_readme_use_block_runs():
     assert scope["y"].shape == (8, 64, 32, 32)
     assert int(scope["steps"]) == 1  # the functional call counted its step
     frozen = scope["model"][1]  # convert_sync_batchnorm, then freeze: buffers only, no batch statistics
-    assert not isinstance(frozen, torch.nn.modules.batchnorm._BatchNorm)
+    assert type(frozen) is batchnorm.FrozenBatchNorm  # SyncBatchNorm has no fixed rank
     assert list(frozen.parameters()) == [] and set(dict(frozen.named_buffers())) >= {"running_mean", "running_var"}

@@ -2,8 +2,8 @@
 
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .fused import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
-from .frozen import (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, FrozenBatchNormAct1d, FrozenBatchNormAct2d,
-                     FrozenBatchNormAct3d, freeze, unfreeze)
+from .frozen import (FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, FrozenBatchNormAct,
+                     FrozenBatchNormAct1d, FrozenBatchNormAct2d, FrozenBatchNormAct3d, freeze, unfreeze)
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from .groupnorm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, RenormSchedule
@@ -13,7 +13,7 @@ __all__ = [
     "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
     "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "RenormSchedule",
     "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
-    "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze", "unfreeze",
-    "FrozenBatchNormAct1d", "FrozenBatchNormAct2d", "FrozenBatchNormAct3d",
+    "FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze", "unfreeze",
+    "FrozenBatchNormAct", "FrozenBatchNormAct1d", "FrozenBatchNormAct2d", "FrozenBatchNormAct3d",
     "GroupNorm", "LayerNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
 ]  # fmt: skip

@@ -43,17 +43,18 @@ from .kinds import (
 )
 
 __all__ = [
-    "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d",
-    "FrozenBatchNormAct1d", "FrozenBatchNormAct2d", "FrozenBatchNormAct3d",
+    "FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d",
+    "FrozenBatchNormAct", "FrozenBatchNormAct1d", "FrozenBatchNormAct2d", "FrozenBatchNormAct3d",
     "freeze", "unfreeze",
 ]  # fmt: skip
 
 
-class _FrozenBatchNorm(nn.Module):
+class FrozenBatchNorm(nn.Module):
     r"""Batch norm with fixed statistics and affine, all buffers: ``y = x * scale + shift``.
 
     ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale``.
-    Accepts any ``(N, C, *)`` input (the numbered subclasses check the rank).
+    Accepts any ``(N, C, *)`` input (the numbered subclasses check the rank); :func:`freeze` gives
+    this class for a source whose rank is not fixed, e.g. a ``SyncBatchNorm``.
     """
 
     _version = 2
@@ -99,7 +100,7 @@ class _FrozenBatchNorm(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
-class FrozenBatchNorm1d(_FrozenBatchNorm):
+class FrozenBatchNorm1d(FrozenBatchNorm):
     """Frozen batch norm of ``(N, C)`` or ``(N, C, L)`` input.
 
     Example::
@@ -111,7 +112,7 @@ class FrozenBatchNorm1d(_FrozenBatchNorm):
     _input_dims = (2, 3)
 
 
-class FrozenBatchNorm2d(_FrozenBatchNorm):
+class FrozenBatchNorm2d(FrozenBatchNorm):
     """Frozen batch norm of ``(N, C, H, W)`` input (a detection backbone's usual norm).
 
     Example::
@@ -124,7 +125,7 @@ class FrozenBatchNorm2d(_FrozenBatchNorm):
     _input_dims = (4,)
 
 
-class FrozenBatchNorm3d(_FrozenBatchNorm):
+class FrozenBatchNorm3d(FrozenBatchNorm):
     """Frozen batch norm of ``(N, C, D, H, W)`` input.
 
     Example::
@@ -154,7 +155,7 @@ class _FrozenWithExtras:
         return self.act(y)
 
 
-class _FrozenBatchNormAct(_FrozenWithExtras, _FrozenBatchNorm):
+class FrozenBatchNormAct(_FrozenWithExtras, FrozenBatchNorm):
     """Frozen batch norm + extras of any ``(N, C, *)`` input (from a dimension-agnostic source)."""
 
 
@@ -219,17 +220,17 @@ def _freezable(m: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _to_frozen(bn: nn.Module, kind: BNKind) -> _FrozenBatchNorm:
+def _to_frozen(bn: nn.Module, kind: BNKind) -> FrozenBatchNorm:
     ref = bn.running_mean
     d = bn_dims(bn)
     factory = {"device": ref.device, "dtype": ref.dtype}
     c, eps = num_channels(bn), float(getattr(bn, "eps", 1e-5))
     if kind.extras:  # a dimension-agnostic source (SyncBatchNorm) gets the any-rank base
         extras = dict(kind.extras)
-        cls = _ACT_BY_DIMS.get(d, _FrozenBatchNormAct)
+        cls = _ACT_BY_DIMS.get(d, FrozenBatchNormAct)
         frozen = cls(c, eps, drop=extras.get("drop"), act=extras.get("act"), **factory)
     else:
-        frozen = _BY_DIMS.get(d, _FrozenBatchNorm)(c, eps, **factory)
+        frozen = _BY_DIMS.get(d, FrozenBatchNorm)(c, eps, **factory)
     copy_norm_values(bn, frozen)
     kwargs = {"eps": eps, "momentum": getattr(bn, "momentum", 0.1),
               "affine": getattr(bn, "affine", getattr(bn, "weight", None) is not None)}  # fmt: skip
@@ -288,7 +289,7 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _from_frozen(frozen: _FrozenBatchNorm, bn_class: Optional[type], where: str) -> nn.Module:
+def _from_frozen(frozen: FrozenBatchNorm, bn_class: Optional[type], where: str) -> nn.Module:
     cls, kwargs = frozen._origin or (None, {})
     if bn_class is not None:
         cls, kwargs = bn_class, {k: v for k, v in kwargs.items() if k in ("eps", "momentum", "affine")}
@@ -328,7 +329,7 @@ def unfreeze(model: nn.Module, bn_class: Optional[type] = None) -> nn.Module:
 
         >>> net = unfreeze(freeze(net))   # same values, trainable again
     """
-    targets = _named_targets(model, lambda m: isinstance(m, _FrozenBatchNorm))
+    targets = _named_targets(model, lambda m: isinstance(m, FrozenBatchNorm))
     new = {}
     for _, _, qual, m in targets:
         if id(m) not in new:
@@ -338,3 +339,7 @@ def unfreeze(model: nn.Module, bn_class: Optional[type] = None) -> nn.Module:
             return new[id(m)]
         setattr(parent, name, new[id(m)])
     return model
+
+
+# the names these classes had before they were public (pickled models refer to them)
+_FrozenBatchNorm, _FrozenBatchNormAct = FrozenBatchNorm, FrozenBatchNormAct
