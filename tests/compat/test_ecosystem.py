@@ -457,3 +457,66 @@ def test_deleted_counter_in_eval_mode_is_not_needed_as_in_torch_nn():
     ours, theirs = batchnorm.BatchNorm2d(3).eval(), nn.BatchNorm2d(3).eval()
     del ours.num_batches_tracked, theirs.num_batches_tracked
     assert_rel_close(ours(x), theirs(x), VS_TORCH)
+
+
+def test_a_getattr_override_is_used_as_torch_nn_uses_it():
+    def with_getattr(base):
+        class Scaled(base):
+            def __getattr__(self, name):
+                value = super().__getattr__(name)
+                return value * 0 + 5.0 if name == "running_var" else value
+
+        return Scaled
+
+    x = data((4, 3, 2, 2), 12)
+    assert_rel_close(with_getattr(batchnorm.BatchNorm2d)(3).eval()(x), with_getattr(nn.BatchNorm2d)(3).eval()(x),
+                     VS_TORCH)  # fmt: skip
+
+
+class _ChunkedBN(nn.Module):
+    """Ghost batch norm written with torch.nn: BatchNorm2d over each chunk of 3 samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3, track_running_stats=False)
+
+    def forward(self, x):
+        return torch.cat([self.bn(c) for c in x.split(3)])
+
+
+@pytest.mark.parametrize(
+    "ours,theirs",
+    [
+        (lambda: batchnorm.InstanceNorm2d(3, track_running_stats=True),
+         lambda: nn.InstanceNorm2d(3, track_running_stats=True)),
+        (lambda: batchnorm.GhostBatchNorm2d(3, virtual_batch_size=3, track_running_stats=False), _ChunkedBN),
+        (lambda: batchnorm.BatchNorm2d(3, track_running_stats=False), lambda: nn.BatchNorm2d(3, track_running_stats=False)),
+    ],
+    ids=["instance_tracked", "ghost", "batch_untracked"],
+)
+def test_training_under_grad_and_jacrev_matches_torch_nn(ours, theirs):
+    """Training-mode forwards inside torch.func.grad / jacrev (ghost's custom autograd Function included);
+    instance norm's running statistics are updated as torch.nn updates them."""
+    from torch.func import grad, jacrev
+
+    x, r = data((6, 3, 4, 4), 13), data((6, 3, 4, 4), 15)  # (sum of y^2 is constant under BN: weight it)
+    out = []
+    for make in (ours, theirs):
+        m = make().train()
+        g = grad(lambda i: (m(i) * r).sum())(x)
+        j = jacrev(lambda i: m(i).sum((0, 2, 3)))(x)
+        out.append((g, j, getattr(m, "running_mean", None)))
+    (g1, j1, r1), (g2, j2, r2) = out
+    assert_rel_close(g1, g2, VS_TORCH)
+    assert_rel_close(j1, j2, VS_TORCH)
+    if r2 is not None:
+        assert_rel_close(r1, r2, VS_TORCH)
+        assert float(r2.abs().sum()) > 0
+
+
+def test_ghost_under_vmap_matches_per_sample_batch_norm():
+    from torch.func import vmap
+
+    x = data((2, 6, 3, 4, 4), 14)
+    ours, theirs = batchnorm.GhostBatchNorm2d(3, virtual_batch_size=3, track_running_stats=False), _ChunkedBN()
+    assert_rel_close(vmap(ours)(x), vmap(theirs)(x), VS_TORCH)

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..errors import InputError, InputTypeError
 from .pipeline import THIS_BATCH, PerInstance, check_eps, check_input, check_momentum, run
-from .stats import PrecisionState, exact_norm
+from .stats import PrecisionState, exact_norm, in_transform
 
 __all__ = ["group_norm", "layer_norm", "instance_norm", "check_num_groups"]
 
@@ -226,7 +226,7 @@ def instance_norm(
         )
     if running_mean is not None and momentum is None and num_batches_tracked is None:
         raise InputError(f"{what}: momentum=None (cumulative average) needs num_batches_tracked")
-    if torch.jit.is_tracing():  # (torch.jit.trace, the TorchScript ONNX exporter: torch's op)
+    if torch.jit.is_tracing() or in_transform():  # (torch.jit.trace / ONNX, torch.func: torch's op)
         return torch.instance_norm(input, weight, bias, running_mean, running_var, True,
                                    0.0 if momentum is None else momentum, eps, False)  # fmt: skip
     flat = input.reshape((1, n * c) + tuple(input.shape[2:]))

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from .stats import BatchStats, param_view
+from .stats import BatchStats, in_transform, param_view
 
 __all__ = ["normalize", "affine_args"]
 
@@ -85,12 +85,15 @@ _native_backward_into = torch.ops.aten.native_batch_norm_backward.out
 
 
 class _Normalize(torch.autograd.Function):
+    # forward / setup_context / backward in the form torch.func transforms need (vmap rule generated
+    # from the native ops; the out= shortcuts are skipped inside a transform)
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, shift, eps, chunk, hook):
-        rstd = torch.rsqrt(var + eps)
+    def forward(x, weight, bias, mean, var, shift, eps, chunk, hook):
         if chunk is None:
             y = torch.native_batch_norm(_centred(x, shift, 0, None), weight, bias, mean, var, False, 0.0, eps)[0]
-        elif _n_outermost(x) and not torch.compiler.is_compiling():  # one output, each part written in place
+        elif _n_outermost(x) and not torch.compiler.is_compiling() and not in_transform():  # parts written in place
             y = torch.empty_like(x)
             none = mean.new_empty(0)  # (the statistics outputs have the statistics dtype)
             for k, (xc, yc) in enumerate(zip(x.split(chunk), y.split(chunk))):
@@ -100,13 +103,18 @@ class _Normalize(torch.autograd.Function):
             y = torch.cat([torch.native_batch_norm(_centred(xc, shift, k, chunk), weight, bias, mean.select(0, k),
                                                    var.select(0, k), False, 0.0, eps)[0]
                            for k, xc in enumerate(x.split(chunk))])  # fmt: skip
-        ctx.save_for_backward(x, weight, mean, var, rstd, shift)
-        ctx.eps, ctx.chunk, ctx.hook, ctx.has_bias = eps, chunk, hook, bias is not None
         return y
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, mean, var, shift, eps, chunk, hook = inputs
+        ctx.save_for_backward(x, weight, mean, var, shift)
+        ctx.eps, ctx.chunk, ctx.hook, ctx.has_bias = eps, chunk, hook, bias is not None
+
+    @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, var, rstd, shift = ctx.saved_tensors
+        x, weight, mean, var, shift = ctx.saved_tensors
+        rstd = torch.rsqrt(var + ctx.eps)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_w = need_w and weight is not None
         need_b = need_b and ctx.has_bias
@@ -118,7 +126,7 @@ class _Normalize(torch.autograd.Function):
             dx, dw, db = _backward_with_hook(dy, _centred(x, shift, 0, None), weight, mean, var, rstd, eps,
                                              ctx.hook, need_x)  # fmt: skip
         elif (chunk is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-              and _n_outermost(x) and dy.stride() == x.stride()):  # fmt: skip
+              and not in_transform() and _n_outermost(x) and dy.stride() == x.stride()):  # fmt: skip
             # parts written in place into one gradient buffer (out= kernels are not differentiable:
             # under create_graph the general loop below runs instead)
             dx = torch.empty_like(x)

@@ -36,8 +36,8 @@ from torch import Tensor
 from ..errors import InputError, InputTypeError, NonFiniteError
 from .backends import ACTIVATIONS, epilogue, select
 from .normalize import normalize
-from .stats import (NOTHING, BatchStats, PrecisionState, centering, host_reads_ok, moments, needs_blocks, param_view,
-                    recentre, running_off_center, stat_dtype, var_from_rstd)  # fmt: skip
+from .stats import (NOTHING, BatchStats, PrecisionState, centering, host_reads_ok, in_transform, moments, needs_blocks,
+                    param_view, recentre, running_off_center, stat_dtype, var_from_rstd)  # fmt: skip
 
 __all__ = [
     "run", "Running", "ThisBatch", "THIS_BATCH", "Virtual", "Renorm", "PerInstance", "check_input", "check_eps",
@@ -444,7 +444,10 @@ def run(
     running = None if running_mean is None else Running(running_mean, running_var, num_batches_tracked)
     if x.numel() == 0 and source.hook is None:  # (a rank of SyncBatchNorm still joins its collectives)
         return _empty_output(x, weight, bias)
-    if torch.jit.is_tracing():
+    if torch.jit.is_tracing() or (in_transform() and type(source) is ThisBatch):
+        # torch.jit.trace (the TorchScript ONNX exporter) records torch.nn's op; inside torch.func
+        # transforms plain batch norm is torch.nn's op too (nothing can be read on the host there, and
+        # torch.nn's running update is the one functorch knows how to handle)
         return _traced(x, weight, bias, running, training, momentum, eps, residual, activation)
     be = select(backend, x, fused=residual is not None or (activation is not None and activation != "identity"))
     if not training:

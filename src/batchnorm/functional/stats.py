@@ -53,7 +53,7 @@ from torch import Tensor
 
 __all__ = [
     "BatchStats", "moments", "merge", "stat_dtype", "param_view", "off_center", "PrecisionState",
-    "centering", "recentre", "NOTHING", "CHECK", "PUBLISH", "running_off_center", "device_policy", "host_read", "SHIFT_LIMIT",
+    "centering", "recentre", "NOTHING", "CHECK", "PUBLISH", "running_off_center", "device_policy", "host_read", "in_transform", "SHIFT_LIMIT",
     "BLOCK_VALUES", "DEVICE_BLOCK_VALUES", "exact_norm", "var_from_rstd",
 ]  # fmt: skip
 
@@ -137,6 +137,11 @@ _policy_open = 0
 #: the innermost active torch.func transform (vmap/grad/jacrev/...), or None outside them: inside one,
 #: tensors are wrappers with no storage to read on the host
 _transform_stack = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", lambda: None)
+
+
+def in_transform() -> bool:
+    """Whether a torch.func transform (vmap, grad, jacrev, ...) is running."""
+    return _transform_stack() is not None
 
 
 def host_reads_ok(t: Tensor) -> bool:
@@ -356,7 +361,7 @@ def _native_moments(x: Tensor) -> tuple[Tensor, Tensor]:
         one = torch.ones(x.shape[1], device=x.device, dtype=torch.float32)
         _, mean, rstd = torch.native_batch_norm(x, one, None, None, None, True, 0.0, 0.0)
         return mean, var_from_rstd(rstd, 0.0)
-    if x.is_cpu and not torch.compiler.is_compiling():
+    if x.is_cpu and not torch.compiler.is_compiling() and not in_transform():  # (no vmap rule for it)
         return torch.batch_norm_update_stats(x, None, None, 0.0)  # one read; no meta kernel, so eager CPU only
     var, mean = torch.var_mean(x.to(stat_dtype(x.dtype)), [0] + list(range(2, x.dim())), correction=0)
     return mean, var

@@ -149,17 +149,25 @@ class BatchNormMixin:
         return s
 
 
-#: per class: whether no class in its MRO defines a NORM_VALUES name (a property would shadow the dicts)
-_PLAIN_CLASSES: dict = {}
+_MODULE_GETATTR, _OBJECT_GETATTRIBUTE = nn.Module.__getattr__, object.__getattribute__
+
+
+def _class_reads_plainly(cls: type) -> bool:
+    """No class in ``cls``'s MRO defines a NORM_VALUES name (a property or class attribute would
+    shadow nn.Module's dicts), and attribute access is nn.Module's own. Examined once per class and
+    kept on the class itself (no registry to leak parametrization classes); a property added to a
+    class *after* its first forward is not seen (docs/compat.md)."""
+    plain = cls.__dict__.get("_batchnorm_reads_plainly")
+    if plain is None:
+        plain = not any(n in vars(c) for c in cls.__mro__ for n in NORM_VALUES)
+        type.__setattr__(cls, "_batchnorm_reads_plainly", plain)
+    return plain and cls.__getattr__ is _MODULE_GETATTR and cls.__getattribute__ is _OBJECT_GETATTRIBUTE
 
 
 def _reads_plainly(module: nn.Module) -> bool:
-    """Whether ``module.weight`` etc. are what nn.Module's dicts hold: no class attribute or
-    property of those names in its MRO, and none in the instance ``__dict__``."""
-    cls = type(module)
-    plain = _PLAIN_CLASSES.get(cls)
-    if plain is None:
-        plain = _PLAIN_CLASSES[cls] = not any(n in vars(c) for c in cls.__mro__ for n in NORM_VALUES)
+    """Whether ``module.weight`` etc. are what nn.Module's dicts hold: see :func:`_class_reads_plainly`,
+    and no instance attribute of those names."""
+    plain = _class_reads_plainly(type(module))
     d = module.__dict__
     return plain and not ("weight" in d or "bias" in d or "running_mean" in d or "running_var" in d
                           or "num_batches_tracked" in d)  # fmt: skip
