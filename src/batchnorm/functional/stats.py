@@ -140,8 +140,9 @@ _transform_stack = getattr(getattr(torch._C, "_functorch", None), "peek_interpre
 
 
 def in_transform() -> bool:
-    """Whether a torch.func transform (vmap, grad, jacrev, ...) is running."""
-    return _transform_stack() is not None
+    """Whether a torch.func transform (vmap, grad, jacrev, ...) is running in eager mode (the compiler's
+    own functionalization also uses that stack; compiled code has its own path)."""
+    return _transform_stack() is not None and not torch.compiler.is_compiling()
 
 
 def host_reads_ok(t: Tensor) -> bool:

@@ -118,7 +118,7 @@ class BatchNormMixin:
         """``(weight, bias, running_mean, running_var, num_batches_tracked)`` as ``getattr`` gives them,
         read straight from nn.Module's dicts when nothing can shadow them (:func:`_reads_plainly`):
         its ``__getattr__`` costs ~0.4 us per name, a visible share of a small layer's call."""
-        if _reads_plainly(self):
+        if not torch.compiler.is_compiling() and _reads_plainly(self):  # (compiled: dynamo traces getattr)
             p, b = self._parameters, self._buffers
             if "weight" in p and "bias" in p and "running_mean" in b and "running_var" in b \
                     and "num_batches_tracked" in b:  # fmt: skip
