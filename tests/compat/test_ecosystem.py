@@ -520,3 +520,21 @@ def test_ghost_under_vmap_matches_per_sample_batch_norm():
     x = data((2, 6, 3, 4, 4), 14)
     ours, theirs = batchnorm.GhostBatchNorm2d(3, virtual_batch_size=3, track_running_stats=False), _ChunkedBN()
     assert_rel_close(vmap(ours)(x), vmap(theirs)(x), VS_TORCH)
+
+
+@pytest.mark.parametrize("make", [lambda: batchnorm.GhostBatchNorm2d(3, virtual_batch_size=2),
+                                  lambda: batchnorm.BatchRenorm2d(3)], ids=["ghost", "renorm"])  # fmt: skip
+def test_jit_trace_of_a_variant_in_training_mode_refuses_and_eval_mode_traces(make):
+    """torch.jit.trace records torch.nn's op; a variant's training statistics are not that op, so tracing
+    them would silently export plain batch norm: refused, nothing changed. Eval mode traces exactly."""
+    x = data((8, 3, 4, 4), 16)
+    m = make()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(InputError, match="eval mode"):
+            torch.jit.trace(m, x, check_trace=False)
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        traced = torch.jit.trace(m.eval(), x, check_trace=False)
+    assert_rel_close(traced(x), m(x), F32)

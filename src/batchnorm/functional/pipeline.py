@@ -444,10 +444,18 @@ def run(
     running = None if running_mean is None else Running(running_mean, running_var, num_batches_tracked)
     if x.numel() == 0 and source.hook is None:  # (a rank of SyncBatchNorm still joins its collectives)
         return _empty_output(x, weight, bias)
-    if torch.jit.is_tracing() or (in_transform() and type(source) is ThisBatch):
-        # torch.jit.trace (the TorchScript ONNX exporter) records torch.nn's op; inside torch.func
-        # transforms plain batch norm is torch.nn's op too (nothing can be read on the host there, and
-        # torch.nn's running update is the one functorch knows how to handle)
+    plain = not training or type(source) is ThisBatch
+    if torch.jit.is_tracing():
+        # torch.jit.trace (the TorchScript ONNX exporter) records torch.nn's op, which is what plain batch
+        # norm and every variant's eval mode compute; a variant's training statistics are not torch's op
+        if not plain:
+            raise InputError(f"{what}: torch.jit.trace cannot record this layer's training-mode statistics "
+                             f"({type(source).__name__}); trace the model in eval mode (model.eval()), or use "
+                             f"torch.export / the dynamo ONNX exporter")  # fmt: skip
+        return _traced(x, weight, bias, running, training, momentum, eps, residual, activation)
+    if plain and in_transform():
+        # inside torch.func transforms plain batch norm is torch.nn's op (nothing can be read on the host
+        # there, and torch.nn's running update is the one functorch knows how to handle)
         return _traced(x, weight, bias, running, training, momentum, eps, residual, activation)
     be = select(backend, x, fused=residual is not None or (activation is not None and activation != "identity"))
     if not training:
