@@ -142,14 +142,14 @@ _transform_stack = getattr(getattr(torch._C, "_functorch", None), "peek_interpre
 def in_transform() -> bool:
     """Whether a torch.func transform (vmap, grad, jacrev, ...) is running in eager mode (the compiler's
     own functionalization also uses that stack; compiled code has its own path)."""
-    return _transform_stack() is not None and not torch.compiler.is_compiling()
+    return not torch.compiler.is_compiling() and _transform_stack() is not None  # (dynamo <= 2.6 cannot trace it)
 
 
 def host_reads_ok(t: Tensor) -> bool:
     """Whether a decision may read ``t``'s values on the host now: CPU tensors, outside
     :func:`device_policy`, not inside a torch.func transform. (A GPU tensor read would
     synchronize the host with the device; a torch.func wrapper has no storage to read.)"""
-    return t.is_cpu and not (_policy_open and getattr(_policy, "device", False)) and _transform_stack() is None
+    return t.is_cpu and not (_policy_open and getattr(_policy, "device", False)) and not in_transform()
 
 
 @contextlib.contextmanager
@@ -287,7 +287,7 @@ def centering(x: Tensor, state: Optional[PrecisionState], first=_first_sample) -
         return first(x).detach(), NOTHING
     if host_reads_ok(x):
         return None, CHECK
-    if state is None or _transform_stack() is not None:  # in torch.func: torch.nn's precision (compat.md)
+    if state is None or in_transform():  # in torch.func: torch.nn's precision (compat.md)
         return None, NOTHING
     return (first(x).detach() if state.decide() else None), PUBLISH
 
