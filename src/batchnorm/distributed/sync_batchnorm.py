@@ -91,9 +91,10 @@ def _wait(op: str, work, timeout: Optional[float], process_group) -> None:
         else:
             work.wait(timeout=timedelta(seconds=timeout))
     except RuntimeError as e:  # gloo/NCCL errors and timeouts (DistBackendError is a RuntimeError)
+        after = "the process group timeout" if timeout is None else f"{timeout:g} s"
         raise RuntimeError(
             f"SyncBatchNorm: the {op} across {world_size(process_group)} processes failed or timed out after "
-            f"{'the process group timeout' if timeout is None else f'{timeout:g} s'} - a process died, hangs, raised before reaching this layer, or did not call it (every "
+            f"{after} - a process died, hangs, raised before reaching this layer, or did not call it (every "
             f"rank must run it, also with an empty batch). Original error: {e}"
         ) from e
 

@@ -24,14 +24,13 @@ The equivalences ``group_norm(G=1) == layer_norm over (C, *spatial)`` and
 from __future__ import annotations
 
 import numbers
-
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from ..errors import InputError, InputTypeError
-from .pipeline import THIS_BATCH, PerInstance, check_eps, check_input, check_momentum, run
+from .pipeline import THIS_BATCH, PerInstance, check_count, check_eps, check_input, check_momentum, run
 from .stats import PrecisionState, exact_norm, in_transform
 
 __all__ = ["group_norm", "layer_norm", "instance_norm", "check_num_groups"]
@@ -61,16 +60,16 @@ def _check_param(t, name: str, shape: tuple, x: Tensor, what: str) -> None:
         raise InputTypeError(f"{what}: {name} has dtype {t.dtype} but the input has dtype {x.dtype}; use the same dtype")
 
 
-def check_num_groups(num_groups, num_channels) -> None:
-    """``num_groups`` must be a positive int dividing ``num_channels``."""
-    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups < 1:
-        raise InputError(f"num_groups must be a positive int, got {num_groups!r}")
+def check_num_groups(num_groups, num_channels) -> int:
+    """``num_groups`` must be a positive int (:func:`check_count`) dividing ``num_channels``; returned as an int."""
+    num_groups = check_count(num_groups, "num_groups")
     if num_channels % num_groups:
         divisors = [g for g in range(1, num_channels + 1) if num_channels % g == 0]
         raise InputError(
             f"num_groups={num_groups} must divide the number of channels {num_channels}; "
             f"choose one of {divisors}"
         )
+    return num_groups
 
 
 def group_norm(
@@ -99,10 +98,10 @@ def group_norm(
     what = "group_norm"
     _check_tensor(input, what, 2)
     c = input.shape[1]
-    check_num_groups(num_groups, c)
+    num_groups = check_num_groups(num_groups, c)
     _check_param(weight, "weight", (c,), input, what)
     _check_param(bias, "bias", (c,), input, what)
-    check_eps(eps, what)
+    eps = check_eps(eps, what)
     n, g = input.shape[0], num_groups
     if input.numel() == 0 or torch.jit.is_tracing():  # (torch.jit.trace, the TorchScript ONNX exporter: torch's op)
         return torch.group_norm(input, g, weight, bias, eps)
@@ -156,7 +155,7 @@ def layer_norm(
         )
     _check_param(weight, "weight", shape, input, what)
     _check_param(bias, "bias", shape, input, what)
-    check_eps(eps, what)
+    eps = check_eps(eps, what)
     if input.numel() == 0 or torch.jit.is_tracing():  # (torch.jit.trace, the TorchScript ONNX exporter: torch's op)
         return torch.layer_norm(input, shape, weight, bias, eps)
     lead = input.dim() - len(shape)

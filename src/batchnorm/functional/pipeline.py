@@ -40,7 +40,8 @@ from .stats import (NOTHING, BatchStats, PrecisionState, centering, host_reads_o
                     param_view, recentre, running_off_center, stat_dtype, var_from_rstd)  # fmt: skip
 
 __all__ = [
-    "run", "Running", "ThisBatch", "THIS_BATCH", "Virtual", "Renorm", "PerInstance", "check_input", "check_eps",
+    "run", "Running", "ThisBatch", "THIS_BATCH", "Virtual", "Renorm", "PerInstance", "check_input", "check_count",
+    "check_eps",
     "check_momentum", "check_activation", "update_running", "check_finite_stats",
 ]  # fmt: skip
 
@@ -155,6 +156,17 @@ def _is_real(v) -> bool:
     if isinstance(v, Tensor):
         return v.dim() == 0 and not (v.dtype == torch.bool or v.is_complex())
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_count(n, name: str, meaning: str = "") -> int:
+    """A positive integer - Python, NumPy or a 0-d integer tensor, as torch.nn accepts; ``bool`` is
+    not one - returned as an ``int`` (``meaning`` is added to the message, e.g. " (the channel count C)")."""
+    if isinstance(n, Tensor) and n.dim() == 0 and not (n.is_floating_point() or n.is_complex()
+                                                       or n.dtype == torch.bool):  # fmt: skip
+        n = int(n)
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise InputError(f"{name} must be a positive int{meaning}, got {n!r}")
+    return int(n)
 
 
 def check_eps(eps, what: str = "batch_norm") -> float:
@@ -300,9 +312,7 @@ class Virtual(ThisBatch):
     in_kernel = False
 
     def __init__(self, v: int) -> None:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise InputError(f"virtual_batch_size must be a positive int, got {v!r}")
-        self.chunk = v
+        self.chunk = check_count(v, "virtual_batch_size")
 
     def check(self, x: Tensor, count: int, what: str) -> None:
         n, v = x.shape[0], self.chunk
@@ -444,18 +454,16 @@ def run(
     running = None if running_mean is None else Running(running_mean, running_var, num_batches_tracked)
     if x.numel() == 0 and source.hook is None:  # (a rank of SyncBatchNorm still joins its collectives)
         return _empty_output(x, weight, bias)
+    # torch.nn's own op, which is what plain batch norm and every variant's eval mode compute: recorded
+    # by torch.jit.trace (the TorchScript ONNX exporter), and run inside torch.func transforms (nothing
+    # can be read on the host there, and torch.nn's running update is the one functorch handles)
     plain = not training or type(source) is ThisBatch
-    if torch.jit.is_tracing():
-        # torch.jit.trace (the TorchScript ONNX exporter) records torch.nn's op, which is what plain batch
-        # norm and every variant's eval mode compute; a variant's training statistics are not torch's op
-        if not plain:
-            raise InputError(f"{what}: torch.jit.trace cannot record this layer's training-mode statistics "
-                             f"({type(source).__name__}); trace the model in eval mode (model.eval()), or use "
-                             f"torch.export / the dynamo ONNX exporter")  # fmt: skip
-        return _traced(x, weight, bias, running, training, momentum, eps, residual, activation)
-    if plain and in_transform():
-        # inside torch.func transforms plain batch norm is torch.nn's op (nothing can be read on the host
-        # there, and torch.nn's running update is the one functorch knows how to handle)
+    tracing = torch.jit.is_tracing()
+    if tracing and not plain:  # a variant's training statistics are not torch's op
+        raise InputError(f"{what}: torch.jit.trace cannot record this layer's training-mode statistics "
+                         f"({type(source).__name__}); trace the model in eval mode (model.eval()), or use "
+                         f"torch.export / the dynamo ONNX exporter")  # fmt: skip
+    if tracing or (plain and in_transform()):
         return _traced(x, weight, bias, running, training, momentum, eps, residual, activation)
     be = select(backend, x, fused=residual is not None or (activation is not None and activation != "identity"))
     if not training:

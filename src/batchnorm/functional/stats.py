@@ -53,7 +53,8 @@ from torch import Tensor
 
 __all__ = [
     "BatchStats", "moments", "merge", "stat_dtype", "param_view", "off_center", "PrecisionState",
-    "centering", "recentre", "NOTHING", "CHECK", "PUBLISH", "running_off_center", "device_policy", "host_read", "in_transform", "SHIFT_LIMIT",
+    "centering", "recentre", "NOTHING", "CHECK", "PUBLISH", "running_off_center", "device_policy", "host_read",
+    "in_transform", "SHIFT_LIMIT",
     "BLOCK_VALUES", "DEVICE_BLOCK_VALUES", "exact_norm", "var_from_rstd",
 ]  # fmt: skip
 

@@ -14,7 +14,6 @@ construction, and one behaviour under ``torch.fx`` tracing (:func:`fx_leaf`).
 from __future__ import annotations
 
 import inspect
-import numbers
 from typing import Optional
 
 import torch
@@ -22,7 +21,7 @@ from torch import Tensor, fx, nn
 
 from ..errors import InputError, InputTypeError
 from ..functional.backends import BACKENDS
-from ..functional.pipeline import THIS_BATCH, ThisBatch, check_eps, check_momentum, run
+from ..functional.pipeline import THIS_BATCH, ThisBatch, check_count, check_eps, check_momentum, run
 from ..functional.stats import PrecisionState
 
 __all__ = ["BatchNormMixin", "fx_leaf", "check_num_features", "torch_init", "NORM_VALUES", "copy_norm_values"]
@@ -44,15 +43,8 @@ def fx_leaf(module: nn.Module, *args):
 
 
 def check_num_features(n, name: str = "num_features") -> int:
-    """A positive integer (Python, NumPy or a 0-d integer tensor, as torch.nn accepts; ``bool`` is
-    not one), returned as an ``int``."""
-    if isinstance(n, Tensor) and n.dim() == 0 and not n.is_floating_point() and not n.is_complex() \
-            and n.dtype != torch.bool:  # fmt: skip
-        n = int(n)
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        meaning = " (the channel count C)" if name in ("num_features", "num_channels") else ""
-        raise InputError(f"{name} must be a positive int{meaning}, got {n!r}")
-    return int(n)
+    """A channel count: :func:`~batchnorm.functional.pipeline.check_count`, returned as an ``int``."""
+    return check_count(n, name, " (the channel count C)")
 
 
 def torch_init(module: nn.Module, cls: type, *args, bias: bool = True, **kwargs) -> None:

@@ -45,8 +45,7 @@ class GroupNorm(nn.GroupNorm):
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
                  device=None, dtype=None, *, bias: bool = True) -> None:  # fmt: skip
         num_channels = check_num_features(num_channels, "num_channels")
-        num_groups = check_num_features(num_groups, "num_groups")
-        check_num_groups(num_groups, num_channels)
+        num_groups = check_num_groups(num_groups, num_channels)
         eps = check_eps(eps, "GroupNorm")
         torch_init(self, nn.GroupNorm, num_groups, num_channels, eps, affine, device, dtype, bias=bias)
         self._precision = PrecisionState()
@@ -83,8 +82,7 @@ class LayerNorm(nn.LayerNorm):
 
     def __init__(self, normalized_shape: Union[int, Sequence[int]], eps: float = 1e-5,
                  elementwise_affine: bool = True, bias: bool = True, device=None, dtype=None) -> None:  # fmt: skip
-        integral = isinstance(normalized_shape, numbers.Integral)
-        shape = (normalized_shape,) if integral else tuple(normalized_shape)
+        shape = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) else tuple(normalized_shape)
         normalized_shape = tuple(check_num_features(s, "normalized_shape") for s in shape)
         eps = check_eps(eps, "LayerNorm")
         nn.LayerNorm.__init__(self, normalized_shape, eps, elementwise_affine, bias, device, dtype)
